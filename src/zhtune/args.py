@@ -1,0 +1,51 @@
+"""Shared argparse helpers so every subcommand's --help has the same shape: what, flags, examples."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+from zhtune.errors import ZhtuneError
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep our hand-wrapped descriptions/epilogs and show defaults next to flags."""
+
+
+def make_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """A parser for `zhtune <prog>`; `examples` is shown under the flags in --help."""
+    return argparse.ArgumentParser(
+        prog=f"zhtune {prog}",
+        description=textwrap.dedent(description).strip(),
+        epilog="examples / 示例:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+        formatter_class=_Formatter,
+    )
+
+
+def existing_path(value: str) -> Path:
+    """argparse type: a path that must exist (a ZhtuneError names it otherwise)."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ZhtuneError(f"path does not exist: {value}", expected="an existing file or folder")
+    return path
+
+
+def parse_size(value: str) -> int:
+    """'2GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
+    text = value.strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            number = text[: -len(unit)]
+            break
+    else:
+        number, factor = text, 1
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise ZhtuneError(f"not a size: {value!r}", expected="a size like 2GB, 500MB or 1.5GiB") from None
+    if size <= 0:
+        raise ZhtuneError(f"size must be positive: {value!r}", expected="a size like 2GB")
+    return size

@@ -1,0 +1,113 @@
+"""The `zhtune` command: one table of subcommands, each imported lazily; no logic here."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+
+from zhtune import __version__
+from zhtune.errors import ZhtuneError
+
+# subcommand -> ("module:function", one-line help). Longest match wins ("vocab train" before "vocab").
+COMMANDS: dict[str, tuple[str, str]] = {
+    "vocab train": ("zhtune.vocab.train:main", "训练中文 SentencePiece 词表 / train a Chinese SentencePiece vocabulary"),
+    "vocab merge": ("zhtune.vocab.merge:main", "把中文词表并入 LLaMA 分词器 / merge pieces into a LLaMA tokenizer"),
+    "vocab stats": ("zhtune.vocab.stats:main", "比较分词器的压缩率与一致性 / compare tokenizers on a text"),
+    "convert meta": ("zhtune.export.meta:main", "Meta .pth 权重转 HF / convert Meta checkpoints to HF"),
+    "train": ("zhtune.train.run:main", "预训练 / 指令精调 / 偏好训练 (pt | sft | dpo) with LoRA, QLoRA or full"),
+    "estimate": ("zhtune.train.estimate:main", "估算训练显存 / estimate GPU memory of a training config"),
+    "merge": ("zhtune.export.merge:main", "合并 LoRA 到基座 (低内存流式) / merge adapters into the base"),
+    "export gguf": ("zhtune.export.gguf:main", "导出并量化为 GGUF / export a model to GGUF for llama.cpp"),
+    "chat": ("zhtune.infer.chat:main", "终端对话 / chat in the terminal"),
+    "webui": ("zhtune.serve.webui:main", "网页对话 (Gradio) / chat in the browser"),
+    "serve": ("zhtune.serve.api:main", "OpenAI 兼容 API 服务 / OpenAI-compatible API server"),
+    "rag qa": ("zhtune.rag.qa:main", "基于文档的检索问答 / retrieval QA over your documents"),
+    "rag summarize": ("zhtune.rag.summarize:main", "文档摘要 / summarize documents"),
+    "demo": ("zhtune.demo:main", "在 CPU 上几分钟跑通全流程 / the whole pipeline on CPU in minutes"),
+}
+
+
+def available() -> dict[str, tuple[str, str]]:
+    """Commands whose module is installed in this version."""
+    out = {}
+    for name, (target, help_text) in COMMANDS.items():
+        module = target.split(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            out[name] = (target, help_text)
+    return out
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<15} {help_text}" for name, (_, help_text) in available().items())
+    return (
+        f"zhtune {__version__} — 让 LLaMA 学好中文，一条命令行从词表到部署。\n"
+        "Make a LLaMA-family model good at Chinese and ship it.\n\n"
+        "usage: zhtune [--version] [--debug] <command> [args...]\n\n"
+        f"commands / 命令:\n{rows}\n\n"
+        "Run `zhtune <command> --help` for a command's flags and examples.\n"
+        "--debug (or ZHTUNE_DEBUG=1) shows the full traceback of an error.\n"
+        "Start here / 从这里开始:  zhtune demo"
+    )
+
+
+def _resolve(argv: list[str]) -> tuple[str, list[str]] | None:
+    commands = available()
+    for width in (2, 1):
+        name = " ".join(argv[:width])
+        if len(argv) >= width and name in commands:
+            return name, argv[width:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ZHTUNE_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"zhtune {__version__}")
+        return 0
+    found = _resolve(argv)
+    if found is None:
+        group = [n for n in available() if n.split()[0] == argv[0]]
+        if group:  # e.g. `zhtune vocab` alone: list its subcommands
+            print(f"usage: zhtune {argv[0]} {{{'|'.join(n.split()[1] for n in group)}}} ...\n")
+            for n in group:
+                print(f"  {n:<15} {COMMANDS[n][1]}")
+            return 0 if len(argv) == 1 or argv[1] in ("-h", "--help") else 2
+        import difflib
+
+        close = difflib.get_close_matches(" ".join(argv[:2]), list(available()), n=1) or \
+            difflib.get_close_matches(argv[0], list(available()), n=1)
+        hint = f"did you mean `zhtune {close[0]}`?" if close else "run `zhtune --help`"
+        print(ZhtuneError(f"unknown command: {argv[0]}", hint=hint).render(), file=sys.stderr)
+        return 2
+    name, rest = found
+    module_name, func_name = COMMANDS[name][0].split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(rest)
+        return int(result or 0)
+    except ZhtuneError as exc:
+        if debug:
+            traceback.print_exc()
+        print(exc.render(), file=sys.stderr)
+        if not debug:
+            print("  (加 --debug 查看调用栈 / add --debug for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n已中断 interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

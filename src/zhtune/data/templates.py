@@ -1,0 +1,201 @@
+"""THE chat templates: the only place prompt formats live (training, chat, serve, exported chat_template).
+
+A template renders a conversation to text. Training uses `encode_pairs` (prompt, response) so the
+loss can be put on responses only; inference uses `render` (everything up to the next response);
+`jinja` turns the same template into a tokenizer chat_template that renders the identical string,
+so transformers, vLLM and llama.cpp build prompts exactly as training did.
+
+Formats hold three placeholders: {content}, {system} and the special tokens {bos} / {eos}.
+The user format already ends with the assistant header ("### Response:\n", "[/INST]"), so the
+prompt for the next answer is simply the conversation rendered up to the last user turn.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from zhtune.errors import ZhtuneError
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    description: str
+    user: str                       # one user turn incl. the assistant header, e.g. "Human: {content}\nAssistant: "
+    assistant: str                  # one answer incl. its end marker, e.g. "{content}{eos}"
+    system: str = "{system}\n\n"    # how a system prompt is written before the first turn
+    first_user: str | None = None   # first user turn when a system prompt is folded into it (llama2, mistral)
+    default_system: str = ""
+    prefix: str = "{bos}"           # start of the conversation
+    turn_prefix: str = ""           # before every user turn after the first (llama2: "{bos}")
+    separator: str = ""             # between an answer and the next user turn
+    stop: tuple[str, ...] = ()      # extra stop strings for generation (besides eos)
+    special_tokens: tuple[str, ...] = field(default=())  # literal tokens the tokenizer must know
+
+    # --- rendering -------------------------------------------------------------------------
+    def _fill(self, fmt: str, bos: str, eos: str, content: str = "", system: str = "") -> str:
+        # replace placeholders one by one: `str.format` would choke on braces in user content
+        out = fmt.replace("{bos}", bos).replace("{eos}", eos).replace("{system}", system)
+        return out.replace("{content}", content)
+
+    def _split(self, messages: list[Message]) -> tuple[str, list[Message]]:
+        if not messages:
+            raise ZhtuneError("empty conversation", expected="at least one user message")
+        system = self.default_system
+        rest = list(messages)
+        if rest[0].get("role") == "system":
+            system = rest.pop(0).get("content") or ""
+        for i, m in enumerate(rest):
+            role = m.get("role")
+            want = "user" if i % 2 == 0 else "assistant"
+            if role != want:
+                raise ZhtuneError(f"message {i} has role {role!r}", where=f"messages[{i}]",
+                                  expected="an optional system message, then user/assistant turns alternating")
+            if not isinstance(m.get("content"), str):
+                raise ZhtuneError(f"message {i} content is not text", where=f"messages[{i}].content",
+                                  expected="a string")
+        return system, rest
+
+    def encode_pairs(self, messages: list[Message], bos: str = "<s>", eos: str = "</s>") -> list[tuple[str, str]]:
+        """[(prompt_text, response_text), ...] whose concatenation is the whole conversation.
+
+        The last pair's response is "" when the conversation ends with a user turn.
+        """
+        system, turns = self._split(messages)
+        pairs: list[tuple[str, str]] = []
+        for i in range(0, len(turns), 2):
+            user = turns[i]["content"]
+            text = ""
+            if i == 0:
+                text += self._fill(self.prefix, bos, eos)
+                if system and self.first_user is not None:
+                    text += self._fill(self.first_user, bos, eos, user, system)
+                else:
+                    if system:
+                        text += self._fill(self.system, bos, eos, system=system)
+                    text += self._fill(self.user, bos, eos, user)
+            else:
+                text += self._fill(self.separator, bos, eos) + self._fill(self.turn_prefix, bos, eos)
+                text += self._fill(self.user, bos, eos, user)
+            answer = ""
+            if i + 1 < len(turns):
+                answer = self._fill(self.assistant, bos, eos, turns[i + 1]["content"])
+            pairs.append((text, answer))
+        return pairs
+
+    def render(self, messages: list[Message], bos: str = "<s>", eos: str = "</s>") -> str:
+        """The whole conversation as text (ending with the assistant header after a user turn)."""
+        return "".join(p + r for p, r in self.encode_pairs(messages, bos, eos))
+
+    # --- export ----------------------------------------------------------------------------
+    def jinja(self) -> str:
+        """A chat_template that renders exactly `render(messages, bos_token, eos_token)`."""
+
+        def lit(fmt: str, content: str = "''", system: str = "''") -> str:
+            # fmt -> a Jinja expression concatenating literals and variables
+            parts, rest = [], fmt
+            tokens = {"{bos}": "bos_token", "{eos}": "eos_token", "{content}": content, "{system}": system}
+            while rest:
+                hits = [(rest.find(t), t) for t in tokens if t in rest]
+                if not hits:
+                    parts.append(json.dumps(rest))
+                    break
+                pos, tok = min(hits)
+                if pos:
+                    parts.append(json.dumps(rest[:pos]))
+                parts.append(tokens[tok])
+                rest = rest[pos + len(tok):]
+            return "{{ " + (" ~ ".join(parts) if parts else "''") + " }}"
+
+        content = "message['content']"
+        first_user = (
+            "{%- if ns.system -%}" + lit(self.first_user, content, "ns.system") + "{%- else -%}"
+            + lit(self.user, content) + "{%- endif -%}"
+            if self.first_user is not None
+            else "{%- if ns.system -%}" + lit(self.system, system="ns.system") + "{%- endif -%}"
+            + lit(self.user, content)
+        )
+        return (
+            "{%- set ns = namespace(system=" + json.dumps(self.default_system) + ") -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set ns.system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
+            "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+            + lit(self.prefix)
+            + "{%- for message in loop_messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            "{%- if loop.first -%}" + first_user + "{%- else -%}"
+            + lit(self.separator) + lit(self.turn_prefix) + lit(self.user, content) + "{%- endif -%}"
+            "{%- elif message['role'] == 'assistant' -%}" + lit(self.assistant, content) + "{%- endif -%}"
+            "{%- endfor -%}"
+        )
+
+
+_ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                  "Write a response that appropriately completes the request.")
+_LLAMA2_ZH_SYSTEM = "You are a helpful assistant. 你是一个乐于助人的助手。"
+_VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in [
+    Template("default", "Human/Assistant turns; a plain default for base models",
+             user="Human: {content}\nAssistant: ", assistant="{content}{eos}", separator="\n",
+             stop=("\nHuman:",)),
+    Template("alpaca", "Stanford Alpaca's instruction format",
+             user="### Instruction:\n{content}\n\n### Response:\n", assistant="{content}{eos}",
+             default_system=_ALPACA_SYSTEM, separator="\n\n", stop=("### Instruction:",)),
+    Template("chinese-alpaca", "Chinese-Alpaca (Chinese-LLaMA-Alpaca v1) prompt, as its build_dataset.py",
+             user="### Instruction:\n{content}\n\n### Response: ", assistant="{content}{eos}",
+             default_system=_ALPACA_SYSTEM, separator="\n\n", stop=("### Instruction:",)),
+    Template("llama2", "Llama-2-chat [INST] <<SYS>> format",
+             user="[INST] {content} [/INST]", assistant=" {content} {eos}",
+             first_user="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]", turn_prefix="{bos}"),
+    Template("llama2-zh", "Chinese-Alpaca-2's Llama-2 format with its bilingual system prompt",
+             user="[INST] {content} [/INST]", assistant=" {content} {eos}",
+             first_user="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]", turn_prefix="{bos}",
+             default_system=_LLAMA2_ZH_SYSTEM),
+    Template("llama3", "Llama-3 instruct header format",
+             prefix="<|begin_of_text|>",
+             system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+             user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n",
+             assistant="{content}<|eot_id|>", stop=("<|eot_id|>",),
+             special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    Template("qwen", "ChatML (Qwen) <|im_start|> format",
+             prefix="", system="<|im_start|>system\n{system}<|im_end|>\n",
+             user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+             assistant="{content}<|im_end|>", separator="\n", default_system="You are a helpful assistant.",
+             stop=("<|im_end|>",), special_tokens=("<|im_start|>", "<|im_end|>")),
+    Template("mistral", "Mistral instruct [INST] format (system folded into the first turn)",
+             user="[INST] {content} [/INST]", assistant="{content}{eos}",
+             first_user="[INST] {system}\n\n{content} [/INST]"),
+    Template("vicuna", "Vicuna v1.1 USER/ASSISTANT format",
+             system="{system} ", user="USER: {content} ASSISTANT: ", assistant="{content}{eos}",
+             default_system=_VICUNA_SYSTEM, stop=("USER:",)),
+]}
+
+
+def get_template(name: str) -> Template:
+    """The template called `name`; an unknown name is a ZhtuneError listing the known ones."""
+    if name in TEMPLATES:
+        return TEMPLATES[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
+    raise ZhtuneError(f"unknown template {name!r}", expected=f"one of {', '.join(TEMPLATES)}",
+                      hint=f"did you mean {close[0]!r}?" if close else None)
+
+
+def install(tokenizer, template: Template) -> list[str]:
+    """Write the template into tokenizer.chat_template; add its literal special tokens if missing.
+
+    Returns the tokens that were added (the caller must resize the model's embeddings then).
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in template.special_tokens if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = template.jinja()
+    return missing
