@@ -295,7 +295,8 @@ class TrainConfig:
     seed: int = opt(42, "random seed")
     bf16: Optional[bool] = opt(None, "bf16 mixed precision (default: on where the GPU supports it)")
     fp16: bool = opt(False, "fp16 mixed precision")
-    gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
+    gradient_checkpointing: Optional[bool] = opt(None, "recompute activations to save memory "
+                                                       "(default: on for qlora, off otherwise)")
     report_to: list[str] = opt(["none"], "tensorboard, wandb, ... or none")
     dataloader_num_workers: int = opt(0, "data loader worker processes")
     resume_from_checkpoint: Optional[str] = opt("auto", "auto: resume from the last checkpoint in output_dir; "
@@ -305,6 +306,30 @@ class TrainConfig:
     fsdp_config: Optional[str] = opt(None, "FSDP JSON config")
     nproc_per_node: Optional[int] = opt(None, "launch torchrun with N processes on this node for you")
     training_args: dict[str, Any] = opt({}, "any other transformers TrainingArguments keys, passed through")
+
+    def validate(self) -> None:
+        """Cross-field checks and defaults that depend on other keys (called by load_config)."""
+        if self.quantization_bit is not None and self.quantization_bit not in (4, 8):
+            raise ZhtuneError(f"quantization_bit must be 4 or 8, got {self.quantization_bit}",
+                              where="quantization_bit", expected="4 (nf4, QLoRA) or 8")
+        if self.finetuning_type == "full" and self.quantization_bit is not None:
+            raise ZhtuneError("full fine-tuning cannot train a quantised model", where="quantization_bit",
+                              expected="finetuning_type=qlora (or lora), or no quantization_bit")
+        if self.finetuning_type == "qlora" and self.quantization_bit is None:
+            self.quantization_bit = 4
+        if self.finetuning_type == "lora" and self.quantization_bit is not None:
+            self.finetuning_type = "qlora"  # a quantised base can only be trained through an adapter
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.finetuning_type == "qlora"
+        if self.peft_path and self.finetuning_type == "full":
+            raise ZhtuneError("peft_path continues an adapter, but finetuning_type is full", where="peft_path",
+                              expected="finetuning_type=lora or qlora")
+        for key in ("lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len",
+                    "logging_steps", "save_steps"):
+            if getattr(self, key) < 1:
+                raise ZhtuneError(f"{key} must be at least 1, got {getattr(self, key)}", where=key)
+        if self.learning_rate <= 0:
+            raise ZhtuneError(f"learning_rate must be positive, got {self.learning_rate}", where="learning_rate")
 
 
 # Chinese-LLaMA-Alpaca run_pt.sh / run_sft.sh (and LLaMA-Factory) names -> ours

@@ -75,3 +75,23 @@ def build_tiny_model(output: str | Path, vocab_size: int, seed: int = 0, tokeniz
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def build_tiny_base(output: str | Path, vocab_size: int = 1000, seed: int = 0) -> Path:
+    """A tiny English 'base model' folder (SentencePiece tokenizer + random Llama) for CPU experiments."""
+    import tempfile
+
+    from zhtune.vocab.hf import write_hf_tokenizer
+
+    output = Path(output)
+    with tempfile.TemporaryDirectory() as tmp:
+        sp = train_base_sp(asset_lines("en_corpus.txt"), Path(tmp) / "tokenizer.model", vocab_size=vocab_size)
+        tok = write_hf_tokenizer(sp, Path(tmp) / "tokenizer")
+        return build_tiny_model(output, vocab_size=vocab_size, seed=seed, tokenizer_dir=tok)
+
+
+if __name__ == "__main__":  # python -m zhtune.tiny tiny/base  -> the base model examples/tiny/*.yaml use
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "tiny/base"
+    print(f"tiny base model (tokenizer + random Llama) -> {build_tiny_base(target)}")

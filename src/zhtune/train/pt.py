@@ -1,0 +1,38 @@
+"""Continued pre-training (stage pt): plain Chinese text packed into blocks, LoRA / QLoRA / full.
+
+    zhtune train examples/tiny/pt.yaml          (run.py dispatches stage=pt here)
+
+Reads top to bottom: setup -> train -> save.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zhtune.train.callbacks import describe_outputs, describe_setup
+from zhtune.train.common import (make_trainer, prepare_model, prepare_output_dir, record_run, run_parents,
+                                 save_outputs, train_and_evaluate)
+
+
+def run(cfg) -> Path:
+    from zhtune.data.pretrain import build_pretrain_dataset
+    from zhtune.data.templates import get_template
+    from zhtune.model.adapter import adapter_summary
+
+    # --- setup: output folder (or the run to resume), model + adapter, data, Trainer
+    template = get_template(cfg.template)  # written into the saved tokenizer's chat_template for later stages
+    parents = run_parents(cfg)
+    out, resume = prepare_output_dir(cfg)
+    tokenizer, model, expansion = prepare_model(cfg, template)
+    data = build_pretrain_dataset(cfg, tokenizer)
+    trainer = make_trainer(cfg, model, tokenizer, data, out)
+    print(describe_setup(cfg, expansion, adapter_summary(model), data.stats, resume), flush=True)
+
+    # --- train (run.yaml first: the same command recognises a killed run and resumes it)
+    record_run(cfg, out, parents)
+    metrics = train_and_evaluate(trainer, resume, data.eval is not None)
+
+    # --- save: out/pt_lora_model (adapter + tokenizer + run.yaml), results, trainer_state, loss plot
+    folder = save_outputs(trainer, cfg, tokenizer, out, metrics, parents)
+    print(describe_outputs(out, folder, metrics), flush=True)
+    return folder

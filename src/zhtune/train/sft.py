@@ -1,0 +1,38 @@
+"""Supervised instruction tuning (stage sft): conversations rendered by one template, loss on answers.
+
+    zhtune train examples/tiny/sft.yaml         (run.py dispatches stage=sft here)
+
+Reads top to bottom: setup -> train -> save.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zhtune.train.callbacks import describe_outputs, describe_setup
+from zhtune.train.common import (make_trainer, prepare_model, prepare_output_dir, record_run, run_parents,
+                                 save_outputs, train_and_evaluate)
+
+
+def run(cfg) -> Path:
+    from zhtune.data.sft import build_sft_dataset
+    from zhtune.data.templates import get_template
+    from zhtune.model.adapter import adapter_summary
+
+    # --- setup: the template first (an unknown name fails before any loading), output folder, model, data
+    template = get_template(cfg.template)
+    parents = run_parents(cfg)
+    out, resume = prepare_output_dir(cfg)
+    tokenizer, model, expansion = prepare_model(cfg, template)  # installs the template's chat_template/tokens
+    data = build_sft_dataset(cfg, tokenizer, template)
+    trainer = make_trainer(cfg, model, tokenizer, data, out)
+    print(describe_setup(cfg, expansion, adapter_summary(model), data.stats, resume), flush=True)
+
+    # --- train (run.yaml first: the same command recognises a killed run and resumes it)
+    record_run(cfg, out, parents)
+    metrics = train_and_evaluate(trainer, resume, data.eval is not None)
+
+    # --- save: out/sft_lora_model (adapter + tokenizer with the chat_template + run.yaml), results, plot
+    folder = save_outputs(trainer, cfg, tokenizer, out, metrics, parents)
+    print(describe_outputs(out, folder, metrics), flush=True)
+    return folder
