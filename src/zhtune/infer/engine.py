@@ -8,21 +8,32 @@ a stream of text deltas out. Backends: hf (transformers + adapters), llamacpp (G
 Contract every backend keeps (front ends rely on it):
 - prompts are built only by the training template registry (zhtune.data.templates), never here;
 - `stream` may be called from several threads at once; the engine queues or batches internally;
+- `stream` checks its input when called (before the first delta): bad params raise ZhtuneError naming
+  the field, and a prompt that leaves no room in the context raises PromptTooLong (a ZhtuneError
+  carrying prompt_tokens / max_new_tokens / max_model_len, so an API can answer 400 with them).
+  We refuse rather than silently cut the conversation: the front end decides what to drop;
+- a prompt that fits but whose prompt + max_new_tokens exceeds the context stops at the context
+  with finish_reason "length";
 - closing the iterator `stream` returned (generator.close(), or dropping it) cancels that generation;
-- the last Delta of a stream carries finish_reason "stop" (end token / stop string) or "length";
-  stop strings are never part of the returned text;
-- GenParams.validate() raises ZhtuneError naming the field for any out-of-range value.
+- the last Delta of a stream carries finish_reason "stop" (end token / stop string) or "length",
+  and the prompt_tokens / completion_tokens counts;
+  stop strings are never part of the returned text; text never ends mid-character.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Union
 
-from zhtune.data.templates import Message, Template
+from zhtune.data.templates import TEMPLATES, Message, Template, get_template
 from zhtune.errors import ZhtuneError
+from zhtune.io import read_run_yaml
 
 Prompt = Union[str, list[Message]]  # raw text (used as is) or a conversation (rendered by the template)
+BACKENDS = ("hf", "llamacpp", "vllm")
 
 
 @dataclass
@@ -39,16 +50,26 @@ class GenParams:
     seed: int | None = None
 
     def validate(self) -> "GenParams":
+        def num(x, kind=(int, float)):
+            return isinstance(x, kind) and not isinstance(x, bool)
+
         checks = [
-            ("max_new_tokens", 1 <= self.max_new_tokens <= 1_000_000, "an integer >= 1"),
-            ("temperature", 0.0 <= self.temperature <= 5.0, "a number in [0, 5]"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "a number in (0, 1]"),
-            ("top_k", self.top_k >= 0, "an integer >= 0"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "a number in (0, 10]"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "a number in [-2, 2]"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "a number in [-2, 2]"),
-            ("stop", len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
-             "at most 16 non-empty strings"),
+            ("max_new_tokens", num(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 1_000_000,
+             "an integer >= 1"),
+            ("temperature", num(self.temperature) and 0.0 <= self.temperature <= 5.0, "a number in [0, 5]"),
+            ("top_p", num(self.top_p) and 0.0 < self.top_p <= 1.0, "a number in (0, 1]"),
+            ("top_k", num(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("repetition_penalty", num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+             "a number in (0, 10]"),
+            ("frequency_penalty", num(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+             "a number in [-2, 2]"),
+            ("presence_penalty", num(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+             "a number in [-2, 2]"),
+            ("stop", isinstance(self.stop, (list, tuple)) and len(self.stop) <= 16
+             and all(isinstance(s, str) and s for s in self.stop), "at most 16 non-empty strings"),
+            ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple))
+             and all(num(i, int) and i >= 0 for i in self.stop_token_ids), "a list of token ids >= 0"),
+            ("seed", self.seed is None or (num(self.seed, int) and 0 <= self.seed < 2**63), "an integer >= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -61,6 +82,8 @@ class GenParams:
 class Delta:
     text: str
     finish_reason: str | None = None   # None while streaming; "stop" | "length" on the last delta
+    prompt_tokens: int = 0             # set on the last delta (usage numbers for the API)
+    completion_tokens: int = 0         # set on the last delta: tokens generated (incl. the end token)
 
 
 @dataclass
@@ -71,6 +94,47 @@ class Completion:
     completion_tokens: int
 
 
+class PromptTooLong(ZhtuneError):
+    """The prompt leaves no room to generate: prompt_tokens >= max_model_len (numbers for an HTTP 400)."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, max_model_len: int):
+        super().__init__(f"prompt is {prompt_tokens} tokens; the model's context is {max_model_len} tokens",
+                         where="prompt", expected=f"a prompt shorter than {max_model_len} tokens",
+                         hint="shorten the conversation (e.g. /clear in chat) or the document")
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.max_model_len = max_model_len
+
+
+class StopFilter:
+    """Turns generated text pieces into safe deltas: cuts at the first stop string and holds back
+    any tail that might be the start of one, so a stop string never reaches the caller."""
+
+    def __init__(self, stops: list[str] | tuple[str, ...]):
+        self.stops = [s for s in stops if s]
+        self.hold = ""          # text not yet released (could start a stop string)
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was hit)."""
+        text = self.hold + piece
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hold = ""
+            return text[:cut], True
+        keep = 0   # longest suffix of text that is a proper prefix of a stop string
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        self.hold = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.hold = self.hold, ""
+        return text
+
+
 class Engine:
     """What every backend provides. Backends live in hf.py, llamacpp.py, vllm.py."""
 
@@ -78,10 +142,17 @@ class Engine:
     model_name: str = ""            # shown by /v1/models
     template: Template
     max_model_len: int = 0          # context length in tokens
+    bos_token: str = "<s>"          # the literal special-token strings the template writes
+    eos_token: str = "</s>"
 
     def format(self, prompt: Prompt) -> str:
         """A conversation rendered by the template (or raw text as is)."""
-        raise NotImplementedError
+        if isinstance(prompt, str):
+            return prompt
+        if not isinstance(prompt, list):
+            raise ZhtuneError(f"prompt is a {type(prompt).__name__}", where="prompt",
+                              expected="a string or a list of {role, content} messages")
+        return self.template.render(prompt, self.bos_token, self.eos_token)
 
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
@@ -90,8 +161,30 @@ class Engine:
         raise NotImplementedError
 
     def generate(self, prompts: list[Prompt], params: GenParams) -> list[Completion]:
-        """Batch form: one Completion per prompt (backends batch where they can)."""
-        raise NotImplementedError
+        """Batch form: one Completion per prompt. Runs the streams concurrently so backends that
+        batch (hf) decode them together; prompt/completion token counts are measured, not guessed."""
+        streams = [self.stream(p, params) for p in prompts]   # validates every prompt up front
+        results: list[Completion | BaseException | None] = [None] * len(prompts)
+
+        def run(i: int) -> None:
+            try:
+                text, last = "", Delta("")
+                for last in streams[i]:
+                    text += last.text
+                results[i] = Completion(text, last.finish_reason or "length", last.prompt_tokens,
+                                        last.completion_tokens)
+            except BaseException as exc:  # re-raised in the caller's thread
+                results[i] = exc
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Mean-pooled last hidden states, L2-normalised (as Chinese-LLaMA-Alpaca-2's server)."""
@@ -100,8 +193,165 @@ class Engine:
     def close(self) -> None:
         """Free the model (and any worker threads)."""
 
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- what the model path is ------------------------------------------------------------------
+
+@dataclass
+class ModelSpec:
+    """Resolved inputs of a backend: base model folder (or GGUF file), adapters, template."""
+    base: Path
+    loras: list[Path]
+    template: Template
+    template_source: str            # "--template" | "run.yaml" | "chat_template" | "default"
+    tokenizer: Path                 # folder whose tokenizer to use (the last adapter carrying one)
+
+
+def _is_hf_model(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def _is_adapter(p: Path) -> bool:
+    return p.is_dir() and (p / "adapter_config.json").is_file()
+
+
+def _adapter_dir(p: Path) -> Path:
+    """An adapter folder, or a training output folder holding exactly one *_lora_model/ adapter."""
+    if _is_adapter(p):
+        return p
+    inner = sorted(q for q in p.glob("*_lora_model") if _is_adapter(q)) if p.is_dir() else []
+    if len(inner) == 1:
+        return inner[0]
+    return p
+
+
+def _run_yaml_near(p: Path) -> dict:
+    """run.yaml of an adapter (written beside it, or one level up in the training output folder)."""
+    return read_run_yaml(p) or (read_run_yaml(p.parent) if p.parent != p else {})
+
+
+def _base_of_adapter(adapter: Path, flag: str) -> Path:
+    run = _run_yaml_near(adapter)
+    candidates = [run.get("config", {}).get("model_name_or_path"),
+                  *(run.get("parents", {}) or {}).values()]
+    try:
+        candidates.append(json.loads((adapter / "adapter_config.json").read_text())
+                          .get("base_model_name_or_path"))
+    except (OSError, ValueError):
+        pass
+    for c in candidates:
+        if not c:
+            continue
+        p = Path(str(c)).expanduser()
+        if not p.is_absolute():  # relative paths in run.yaml are relative to where training ran
+            p = p if p.exists() else adapter.parent / p
+        if _is_hf_model(p):
+            return p
+    raise ZhtuneError(f"cannot find the base model of adapter {adapter}", where=flag,
+                      expected="run.yaml config.model_name_or_path (or adapter_config.json "
+                               "base_model_name_or_path) pointing at an existing HF model folder",
+                      hint="pass the base as --model BASE and the adapter as --lora ADAPTER")
+
+
+def _has_tokenizer(p: Path) -> bool:
+    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def match_chat_template(chat_template: str | None) -> Template | None:
+    """The registry template whose jinja() is exactly this tokenizer chat_template, if any."""
+    if not chat_template:
+        return None
+    for t in TEMPLATES.values():
+        if t.jinja() == chat_template:
+            return t
+    return None
+
+
+def _chat_template_of(folder: Path) -> str | None:
+    cfg = folder / "tokenizer_config.json"
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
+    except ValueError:
+        return None
+
+
+def resolve_model(model: str | Path, loras=(), template: str | None = None) -> ModelSpec:
+    """Work out base, adapters, tokenizer folder and template from what earlier stages wrote."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ZhtuneError(f"model path does not exist: {model}", where="--model",
+                          expected="an HF model folder, an adapter folder or a .gguf file")
+    lora_paths = []
+    for i, lo in enumerate(loras):
+        lp = _adapter_dir(Path(lo).expanduser())
+        if not _is_adapter(lp):
+            raise ZhtuneError(f"not an adapter folder: {lo}", where=f"--lora #{i + 1}",
+                              expected="a folder with adapter_config.json (e.g. OUTPUT/sft_lora_model)")
+        lora_paths.append(lp)
+    adapter = _adapter_dir(path)
+    if _is_adapter(adapter):        # an adapter alone: its base comes from run.yaml
+        lora_paths.insert(0, adapter)
+        base = _base_of_adapter(adapter, "--model")
+    elif _is_hf_model(path):
+        base = path
+    else:
+        raise ZhtuneError(f"not a model: {model}", where="--model",
+                          expected="a folder with config.json (HF model), an adapter folder "
+                                   "(adapter_config.json) or a .gguf file")
+    tokenizer = next((lp for lp in reversed(lora_paths) if _has_tokenizer(lp)), base)
+    return ModelSpec(base, lora_paths, *_pick_template(template, [base, *lora_paths], tokenizer),
+                     tokenizer=tokenizer)
+
+
+def _pick_template(name: str | None, folders: list[Path], tokenizer: Path) -> tuple[Template, str]:
+    if name:
+        try:
+            return get_template(name), "--template"
+        except ZhtuneError as exc:
+            exc.where = "--template"
+            raise
+    for folder in reversed(folders):   # the last stage's choice wins
+        run_name = _run_yaml_near(folder).get("config", {}).get("template")
+        if run_name and run_name in TEMPLATES:
+            return TEMPLATES[run_name], "run.yaml"
+    found = match_chat_template(_chat_template_of(tokenizer)) if tokenizer.is_dir() else None
+    if found:
+        return found, "chat_template"
+    return TEMPLATES["default"], "default"
+
+
+def pick_backend(model: str | Path, backend: str | None) -> str:
+    if backend:
+        if backend not in BACKENDS:
+            raise ZhtuneError(f"unknown backend {backend!r}", where="--backend", expected=" | ".join(BACKENDS))
+        return backend
+    return "llamacpp" if str(model).lower().endswith(".gguf") else "hf"
+
 
 def load_engine(model: str, loras: list[str] | tuple[str, ...] = (), backend: str | None = None,
                 template: str | None = None, **options) -> Engine:
-    """Open `model` with the backend named, or the one its path implies (.gguf -> llamacpp, else hf)."""
-    raise NotImplementedError("implemented by the inference issue (#6)")
+    """Open `model` with the backend named, or the one its path implies (.gguf -> llamacpp, else hf).
+
+    options go to the backend: hf: dtype ("auto"|"fp32"|"bf16"|"fp16"), load_in_8bit, load_in_4bit,
+    num_gpus, device, max_batch_size; llamacpp: n_ctx, n_threads; vllm: gpu_memory_utilization, ...
+    """
+    name = pick_backend(model, backend)
+    if name == "llamacpp":
+        from zhtune.infer.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(model, loras=loras, template=template, **options)
+    spec = resolve_model(model, loras, template)
+    if name == "vllm":
+        from zhtune.infer.vllm import VllmEngine
+
+        return VllmEngine(spec, **options)
+    from zhtune.infer.hf import HFEngine
+
+    return HFEngine(spec, **options)

@@ -1,0 +1,566 @@
+"""transformers backend: a base model (+ LoRA adapters applied unmerged) decoding concurrent requests
+as one batch on a worker thread. Used through zhtune.infer.engine.load_engine(path, backend="hf").
+
+Why our own decode loop instead of `model.generate`: requests arrive at different times with different
+parameters. One worker thread owns the model; new requests are prefilled and joined into the running
+batch (left-padded KV cache), finished or cancelled rows leave it, and every row has its own sampling
+parameters, stop rules and seed. On 2 CPU cores a batch of 16 gives ~5x the total tokens/s of one.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import sys
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zhtune.errors import ZhtuneError
+from zhtune.infer.engine import Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, StopFilter
+
+HOLD_LIMIT = 6   # a UTF-8 character is at most 4 byte tokens: release text held longer than this
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ZhtuneError(f"cannot load the tokenizer from {folder}: {exc}", where=str(folder),
+                          expected="tokenizer files (tokenizer.model / tokenizer.json + tokenizer_config.json)") from None
+
+
+def _pick_dtype(dtype: str, cuda: bool):
+    import torch
+
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype == "auto":
+        if not cuda:
+            return torch.float32   # fp32 on CPU: bf16 matmuls are not faster for decode everywhere
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in names:
+        raise ZhtuneError(f"unknown dtype {dtype!r}", where="--dtype", expected="auto | fp32 | bf16 | fp16")
+    return names[dtype]
+
+
+def _load_base(spec: ModelSpec, dtype: str, load_in_8bit: bool, load_in_4bit: bool,
+               num_gpus: int | None, device: str | None):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.from_pretrained(str(spec.base))
+    except Exception as exc:
+        raise ZhtuneError(f"not a transformers model: {spec.base} ({exc})", where="--model",
+                          expected="a folder with a valid config.json") from None
+    cuda = torch.cuda.is_available() and device != "cpu"
+    kwargs: dict = {"dtype": _pick_dtype(dtype, cuda)}
+    if load_in_8bit and load_in_4bit:
+        raise ZhtuneError("both 8-bit and 4-bit asked for", where="--load-in-8bit/--load-in-4bit",
+                          expected="at most one of them")
+    if load_in_8bit or load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise ZhtuneError("8/4-bit loading needs bitsandbytes", where="--load-in-4bit",
+                              hint="pip install 'zhtune[qlora]'") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_use_double_quant=True)
+    if cuda:
+        n = torch.cuda.device_count() if not num_gpus else num_gpus
+        if n > torch.cuda.device_count():
+            raise ZhtuneError(f"--num-gpus {n} but only {torch.cuda.device_count()} GPUs are visible",
+                              where="--num-gpus", expected=f"1..{torch.cuda.device_count()}")
+        # device_map="auto" spreads layers over the GPUs we allow (as the seeds' --num_gpus)
+        kwargs["device_map"] = {"": 0} if n == 1 else "auto"
+        if n > 1:
+            kwargs["max_memory"] = {i: torch.cuda.mem_get_info(i)[0] for i in range(n)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(spec.base), **kwargs)
+    except Exception as exc:
+        raise ZhtuneError(f"cannot load model {spec.base}: {exc}", where="--model",
+                          expected="an HF causal LM folder (config.json + safetensors weights)") from None
+    return model
+
+
+def _adapter_tensors(adapter: Path) -> dict:
+    from safetensors import safe_open
+
+    f = adapter / "adapter_model.safetensors"
+    if not f.is_file():
+        return {}
+    with safe_open(str(f), "pt") as h:
+        return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+
+
+def _adapter_vocab(adapter: Path, shapes: dict) -> int | None:
+    """Rows of the embedding this adapter expects (a resized vocabulary), if it carries one."""
+    for key, shape in shapes.items():
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")) and len(shape) == 2:
+            return shape[0]
+        if "lora_embedding_A" in key:
+            return shape[1]
+    return None
+
+
+def _check_adapter(model, adapter: Path, shapes: dict, flag: str) -> None:
+    """Every module the adapter touches exists in the base with the shapes it was trained on."""
+    modules = dict(model.named_modules())
+    for key, shape in shapes.items():
+        name = key.removeprefix("base_model.model.")
+        for suffix in (".lora_A.weight", ".lora_B.weight"):
+            if not name.endswith(suffix):
+                continue
+            mod = modules.get(name[: -len(suffix)])
+            if mod is None:
+                raise ZhtuneError(f"adapter {adapter} was trained for another base: module "
+                                  f"{name[: -len(suffix)]} does not exist in {model.config._name_or_path}",
+                                  where=flag, expected="an adapter trained on this base model")
+            want = getattr(mod, "in_features", None) if "lora_A" in suffix else getattr(mod, "out_features", None)
+            got = shape[1] if "lora_A" in suffix else shape[0]
+            if want is not None and want != got:
+                raise ZhtuneError(f"adapter {adapter} was trained for another base: {name} has size {got}, "
+                                  f"the base's {name[: -len(suffix)]} has {want}",
+                                  where=flag, expected="an adapter trained on this base model (same hidden size)")
+
+
+def _apply_adapters(model, spec: ModelSpec, tokenizer_len: int):
+    from peft import PeftModel
+
+    if not spec.loras:
+        if tokenizer_len > model.get_input_embeddings().weight.shape[0]:
+            raise ZhtuneError(f"tokenizer has {tokenizer_len} tokens but the model's embedding has "
+                              f"{model.get_input_embeddings().weight.shape[0]} rows", where="--model",
+                              expected="a tokenizer that matches the model (merge the vocab-expanded adapter first)")
+        return model
+    rows = model.get_input_embeddings().weight.shape[0]
+    for i, lo in enumerate(spec.loras):
+        shapes = _adapter_tensors(lo)
+        vocab = _adapter_vocab(lo, shapes) or (tokenizer_len if lo == spec.tokenizer else None)
+        if vocab and vocab != rows:   # a vocab-expanded adapter: grow the base first
+            model.resize_token_embeddings(vocab, mean_resizing=False)
+            rows = vocab
+        _check_adapter(model if i == 0 else model.base_model.model, lo, shapes, f"--lora {lo}")
+    try:
+        model = PeftModel.from_pretrained(model, str(spec.loras[0]), adapter_name="a0", is_trainable=False)
+        for i, lo in enumerate(spec.loras[1:], 1):
+            model.load_adapter(str(lo), adapter_name=f"a{i}", is_trainable=False)
+        if len(spec.loras) > 1:   # stacked adapters all active: base + sum of their deltas, unmerged
+            model.base_model.set_adapter([f"a{i}" for i in range(len(spec.loras))])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ZhtuneError(f"adapter does not fit the base model {spec.base}: {str(exc).splitlines()[0]}",
+                          where="--lora", expected="adapters trained on this base model") from None
+    return model
+
+
+# --- per-request state -------------------------------------------------------------------------
+
+@dataclass(eq=False)   # identity, not field, equality: rows are looked up by object
+class _Request:
+    ids: list[int]                   # prompt token ids
+    params: GenParams
+    stops: list[str]
+    out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
+    # decode state (worker thread only)
+    generated: list[int] = field(default_factory=list)
+    all_ids: object = None           # LongTensor [1, prompt + generated] for repetition penalty
+    counts: object = None            # FloatTensor [vocab]: how often each token was generated
+    rng: object = None               # torch.Generator for this request's seed
+    window: list[int] = field(default_factory=list)   # ids being detokenized incrementally
+    prefix: int = 0                  # window[:prefix] is context only
+    read: int = 0                    # window[:read] has been emitted
+    stop_filter: StopFilter | None = None
+
+
+class _Stream:
+    """The iterator `stream` returns: deltas from the worker; close() or dropping it cancels."""
+
+    def __init__(self, req: _Request):
+        self._req = req
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Delta:
+        if self._done:
+            raise StopIteration
+        item = self._req.out.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finish_reason:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        self._req.cancelled = True
+        self._done = True
+
+    def __del__(self):
+        self._req.cancelled = True
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+class HFEngine(Engine):
+    backend = "hf"
+
+    def __init__(self, spec: ModelSpec, dtype: str = "auto", load_in_8bit: bool = False,
+                 load_in_4bit: bool = False, num_gpus: int | None = None, device: str | None = None,
+                 max_batch_size: int = 16, **unknown):
+        if unknown:
+            raise ZhtuneError(f"unknown option(s) for the hf backend: {', '.join(unknown)}", where="options",
+                              expected="dtype, load_in_8bit, load_in_4bit, num_gpus, device, max_batch_size")
+        import torch
+
+        self.spec = spec
+        self.template = spec.template
+        self.tokenizer = _load_tokenizer(spec.tokenizer)
+        model = _load_base(spec, dtype, load_in_8bit, load_in_4bit, num_gpus, device)
+        self.model = _apply_adapters(model, spec, len(self.tokenizer)).eval()
+        self.device = next(self.model.parameters()).device
+        self.model_name = (spec.loras[-1] if spec.loras else spec.base).name
+        cfg = self.model.config
+        self.max_model_len = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.bos_token = self.tokenizer.bos_token or ""
+        self.eos_token = self.tokenizer.eos_token or ""
+        self.stop_ids = self._end_ids()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.max_batch_size = max(1, int(max_batch_size))
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()    # held by the worker per step and by embed()
+        self._tok_lock = threading.Lock()  # the Rust tokenizer may not be entered from threads at once
+        self._closed = False
+        self.active = 0                  # rows in the running batch (for tests and /metrics)
+        self._worker = threading.Thread(target=_worker_main, args=(weakref.ref(self), self._queue),
+                                        name="zhtune-hf-decode", daemon=True)
+        self._worker.start()
+        self._torch = torch
+
+    def _end_ids(self) -> set[int]:
+        """eos, the model's generation eos ids, and template stop strings that are single tokens."""
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            ids.update(source if isinstance(source, list) else [source] if source is not None else [])
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[s] for s in self.template.stop if s in vocab)
+        return ids
+
+    # --- public API ------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: Prompt) -> list[int]:
+        text = self.format(prompt)
+        # a conversation's text already holds {bos} from the template; raw text gets the tokenizer's BOS
+        return self.tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def stream(self, prompt: Prompt, params: GenParams):
+        params.validate()
+        if self._closed:
+            raise ZhtuneError("engine is closed", expected="a live engine")
+        bad = [i for i in params.stop_token_ids if i >= self.vocab_size]
+        if bad:
+            raise ZhtuneError(f"stop token id {bad[0]} is not in the vocabulary ({self.vocab_size})",
+                              where="stop_token_ids", expected=f"ids < {self.vocab_size}")
+        with self._tok_lock:
+            ids = self.tokenize_prompt(prompt)
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLong(len(ids), params.max_new_tokens, self.max_model_len)
+        req = _Request(ids, params, [*params.stop, *(s for s in self.template.stop
+                                                     if s not in self.tokenizer.get_vocab())])
+        self._queue.put(req)
+        return _Stream(req)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        torch = self._torch
+        if not texts:
+            return []
+        with self._tok_lock:
+            enc = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        enc = [e[: self.max_model_len] for e in enc]
+        width = max(len(e) for e in enc)
+        ids = torch.tensor([e + [self.pad_id] * (width - len(e)) for e in enc], device=self.device)
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc], device=self.device)
+        with self._lock, torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1].float()                      # [n, width, hidden]
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu().tolist()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            if threading.current_thread() is not self._worker:
+                self._worker.join(timeout=30)
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._queue.put(None)
+
+
+# --- the decode worker -----------------------------------------------------------------------
+
+def _worker_main(engine_ref, requests: queue.SimpleQueue) -> None:
+    """Runs until the engine is closed or garbage-collected; holds only a weak reference between
+    batches so a dropped engine is freed."""
+    while True:
+        first = requests.get()
+        engine = engine_ref()
+        if first is None or engine is None or engine._closed:
+            _fail_pending(requests, first)
+            return
+        try:
+            _Batch(engine, requests).run([first])
+        except BaseException as exc:  # never leave a caller waiting forever
+            print(f"zhtune hf worker error: {exc!r}", file=sys.stderr)
+        del engine
+
+
+def _fail_pending(requests, first) -> None:
+    items = [first]
+    while True:
+        try:
+            items.append(requests.get_nowait())
+        except queue.Empty:
+            break
+    for r in items:
+        if r is not None:
+            r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
+
+
+class _Batch:
+    """One continuous batch: rows join (prefill + merge into the left-padded cache) and leave."""
+
+    def __init__(self, engine: HFEngine, requests: queue.SimpleQueue):
+        self.e = engine
+        self.torch = engine._torch
+        self.requests = requests
+        self.rows: list[_Request] = []
+        self.cache = None
+        self.mask = None             # LongTensor [B, L]: 1 for real tokens, 0 for left padding
+        self.stopped = False
+        self.joinable = True         # plain tensor caches can take new rows mid-flight
+
+    def run(self, first: list[_Request]) -> None:
+        pending = first
+        while True:
+            pending += self._take_new(self.e.max_batch_size - len(self.rows) - len(pending))
+            pending = [r for r in pending if not r.cancelled]
+            if not self.rows and not pending:
+                return
+            join, pending = (pending, []) if pending and (not self.rows or self.joinable) else ([], pending)
+            with self.e._lock, self.torch.inference_mode():
+                try:
+                    logits = self._prefill(join) if join else self._decode()
+                    self._sample_and_emit(join or self.rows, logits)
+                except BaseException as exc:
+                    for r in {id(r): r for r in self.rows + join + pending}.values():
+                        r.out.put(exc)
+                    return
+            if self.stopped:
+                for r in pending:
+                    r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
+                return
+
+    def _take_new(self, room: int) -> list[_Request]:
+        new = []
+        while room > len(new):
+            try:
+                item = self.requests.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:       # close(): finish nothing more; fail what is waiting
+                self.stopped = True
+                _fail_pending(self.requests, None)
+                for r in self.rows:
+                    r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
+                self.rows = []
+                break
+            new.append(item)
+        return new
+
+    # --- model calls -----------------------------------------------------------------------
+    def _prefill(self, new: list[_Request]):
+        torch = self.torch
+        from transformers import DynamicCache
+
+        width = max(len(r.ids) for r in new)
+        ids = torch.tensor([[self.e.pad_id] * (width - len(r.ids)) + r.ids for r in new], device=self.e.device)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in new], device=self.e.device)
+        cache = DynamicCache(config=self.e.model.config)
+        out = self.e.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for r in new:
+            self._start(r)
+        if self.rows:
+            self._merge(out.past_key_values, mask)
+        else:   # sliding-window or other cache types: new rows wait until this batch is done
+            self.cache, self.mask = out.past_key_values, mask
+            self.joinable = self._mergeable(self.cache)
+        self.rows += new
+        return out.logits[:, -1, :].float()
+
+    def _mergeable(self, cache) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def _merge(self, cache, mask) -> None:
+        """Concatenate a new batch's cache to the running one, left-padding the shorter."""
+        torch = self.torch
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def lpad(t, dim):   # t: [b, heads, len, head_dim] (dim=2) or mask [b, len] (dim=1)
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([lpad(old.keys, 2), lpad(new.keys, 2)], 0)
+            old.values = torch.cat([lpad(old.values, 2), lpad(new.values, 2)], 0)
+        self.mask = torch.cat([lpad(self.mask, 1), lpad(mask, 1)], 0)
+
+    def _decode(self):
+        torch = self.torch
+        ids = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.e.device)   # [B, 1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)       # [B, L+1]
+        pos = self.mask.sum(-1, keepdim=True) - 1                                          # [B, 1]
+        out = self.e.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                           past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1, :].float()
+
+    def _drop(self, keep: list[int]) -> None:
+        torch = self.torch
+        self.e.active = len(keep)
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return
+        idx = torch.tensor(keep, device=self.e.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        # columns that are padding in every remaining row are dead weight: trim them
+        lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        if lead and self.joinable:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            self.mask = self.mask[:, lead:]
+
+    # --- sampling and text ------------------------------------------------------------------
+    def _start(self, r: _Request) -> None:
+        torch = self.torch
+        p = r.params
+        r.all_ids = torch.tensor([r.ids], device=self.e.device)
+        if p.frequency_penalty or p.presence_penalty:
+            r.counts = torch.zeros(self.e.vocab_size, device=self.e.device)
+        if p.temperature > 0:
+            r.rng = torch.Generator(device=self.e.device)
+            r.rng.manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
+        # detokenize relative to the prompt's last tokens so a leading space is kept right
+        r.window = list(r.ids[-4:])
+        r.prefix = 0
+        r.read = len(r.window)
+        r.stop_filter = StopFilter(r.stops)
+
+    def _sample_and_emit(self, rows: list[_Request], logits) -> None:
+        """logits [len(rows), vocab]: one next token for each of `rows` (all rows, or the new ones)."""
+        where = {id(r): i for i, r in enumerate(rows)}
+        keep = []
+        for i, r in enumerate(self.rows):
+            if id(r) in where:
+                token = _sample(self.torch, r, logits[where[id(r)]])
+                if self._advance(r, token):
+                    continue
+            if not r.cancelled:
+                keep.append(i)
+        self._drop(keep)
+
+    def _advance(self, r: _Request, token: int) -> bool:
+        """Record `token` for `r`, emit text; True when `r` is finished (or cancelled)."""
+        if r.cancelled:
+            return True
+        r.generated.append(token)
+        if r.counts is not None:
+            r.counts[token] += 1
+        if r.params.repetition_penalty != 1.0:
+            r.all_ids = self.torch.cat([r.all_ids, r.all_ids.new_tensor([[token]])], 1)
+        n = len(r.generated)
+        if token in self.e.stop_ids or token in r.params.stop_token_ids:
+            return self._finish(r, self._text(r, flush=True), "stop")
+        emit, hit = r.stop_filter.feed(self._text(r, flush=False))
+        if hit:
+            return self._finish(r, emit, "stop", filtered=True)
+        if n >= r.params.max_new_tokens or len(r.ids) + n >= self.e.max_model_len:
+            return self._finish(r, emit + r.stop_filter.feed(self._text(r, flush=True))[0], "length",
+                                filtered=True)
+        if emit:
+            r.out.put(Delta(emit))
+        return False
+
+    def _finish(self, r: _Request, text: str, reason: str, filtered: bool = False) -> bool:
+        if not filtered:
+            text, hit = r.stop_filter.feed(text)
+        else:
+            hit = False
+        if not hit:
+            text += r.stop_filter.flush()
+        r.out.put(Delta(text, reason, len(r.ids), len(r.generated)))
+        return True
+
+    def _text(self, r: _Request, flush: bool) -> str:
+        """New text of r's generated tokens (incremental decode; holds an incomplete character)."""
+        tok = self.e.tokenizer
+        if not flush and r.generated[-1] not in self.e.stop_ids:
+            r.window.append(r.generated[-1])
+        before = tok.decode(r.window[r.prefix:r.read], skip_special_tokens=True)
+        after = tok.decode(r.window[r.prefix:], skip_special_tokens=True)
+        if not flush and (after.endswith("\ufffd") and len(r.window) - r.read < HOLD_LIMIT):
+            return ""
+        if len(after) <= len(before) and not flush:
+            return ""
+        r.prefix, r.read = r.read, len(r.window)
+        return after[len(before):] if after.startswith(before) else after
+
+
+def _sample(torch, r: _Request, logits) -> int:
+    """logits [vocab] -> next token id under r's parameters."""
+    p = r.params
+    if p.repetition_penalty != 1.0:   # transformers' rule: over prompt + generated tokens
+        seen = r.all_ids[0]
+        scores = logits[seen]
+        logits[seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+    if r.counts is not None:          # OpenAI's frequency/presence penalties (generated tokens only)
+        logits -= p.frequency_penalty * r.counts + p.presence_penalty * (r.counts > 0).float()
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) > p.top_p   # keep the smallest set reaching top_p
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=r.rng))
+
