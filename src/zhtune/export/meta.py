@@ -1,0 +1,308 @@
+"""Meta's LLaMA checkpoint layout <-> Hugging Face, both ways: `zhtune convert meta` and `merge --format pth`.
+
+    zhtune convert meta --input llama-2-13b/ --output llama-2-13b-hf/
+
+Meta ships `consolidated.NN.pth` (one per model-parallel rank), `params.json` and `tokenizer.model`.
+Three things differ from the HF layout, and all of them live here, once:
+- names: `layers.0.attention.wq.weight` <-> `model.layers.0.self_attn.q_proj.weight`;
+- rotary layout: Meta rotates interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves. HF's q/k rows
+  are Meta's rows permuted per head (`to_hf_qk` / `to_meta_qk`); GGUF uses Meta's layout too;
+- model parallelism: each rank holds a slice of every column/row-parallel weight (`SPLIT_DIM`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from zhtune.errors import ZhtuneError
+
+# HF name pattern -> Meta name pattern ({i} = layer index)
+HF_TO_META = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+}
+META_TO_HF = {v: k for k, v in HF_TO_META.items()}
+
+# Meta's fairscale layers: ColumnParallelLinear splits the output dim (0), RowParallelLinear and
+# ParallelEmbedding (LLaMA 1/2) split dim 1; norms are replicated on every rank (None).
+SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+             "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+# model-parallel ranks Meta ships per size, and how to recognise the size: (hidden, layers) -> size
+MP_SHARDS = {"7B": 1, "8B": 1, "13B": 2, "30B": 4, "33B": 4, "34B": 4, "65B": 8, "70B": 8}
+SIZE_BY_SHAPE = {(4096, 32): "7B", (5120, 40): "13B", (6656, 60): "30B", (8192, 48): "34B",
+                 (8192, 80): "70B"}
+_IGNORED_META = ("rope.freqs",)  # LLaMA-1 stored its (recomputable) rotary frequencies
+
+
+def _pattern(name: str) -> tuple[str, str | None]:
+    m = re.match(r"^(model\.layers|layers)\.(\d+)\.", name)
+    if not m:
+        return name, None
+    return name.replace(f"{m.group(1)}.{m.group(2)}.", f"{m.group(1)}.{{i}}.", 1), m.group(2)
+
+
+def _kind(meta_name: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'wq'; 'tok_embeddings.weight' -> 'tok_embeddings'."""
+    parts = meta_name.split(".")
+    return parts[-2] if meta_name.startswith("layers.") else parts[0]
+
+
+def hf_to_meta_name(name: str) -> str:
+    pat, layer = _pattern(name)
+    if pat not in HF_TO_META:
+        raise ZhtuneError(f"tensor {name!r} has no Meta equivalent", where=name,
+                          expected="a LLaMA tensor (embed, norms, attention q/k/v/o, mlp gate/up/down, lm_head)")
+    return HF_TO_META[pat].replace("{i}", layer or "")
+
+
+def meta_to_hf_name(name: str) -> str:
+    pat, layer = _pattern(name)
+    if pat not in META_TO_HF:
+        raise ZhtuneError(f"tensor {name!r} is not a LLaMA tensor Meta ships", where=name,
+                          expected="tok_embeddings, norm, output, layers.N.attention.*, layers.N.feed_forward.*")
+    return META_TO_HF[pat].replace("{i}", layer or "")
+
+
+def to_hf_qk(w, n_heads: int):
+    """Meta q/k rows [n_heads * head_dim, in] (interleaved rotary pairs) -> HF rows (rotated halves)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_meta_qk(w, n_heads: int):
+    """Inverse of `to_hf_qk`: HF q/k rows -> Meta's interleaved layout (also GGUF's)."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---- params.json <-> config.json --------------------------------------------------------------
+def meta_ffn_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The MLP width Meta's model.py derives from params.json."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def params_from_config(config: dict) -> dict:
+    """config.json (dict) -> params.json whose derived MLP width equals intermediate_size."""
+    dim, inter = config["hidden_size"], config["intermediate_size"]
+    params = {"dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": config["num_attention_heads"],
+              "norm_eps": config.get("rms_norm_eps", 1e-5), "vocab_size": config["vocab_size"]}
+    kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    if kv != params["n_heads"]:
+        params["n_kv_heads"] = kv
+    for multiple_of, mult in [(256, None), (4096, 1.3), (1024, 1.3), (256, 1.3), (1024, None), (4096, None)]:
+        if meta_ffn_size(dim, multiple_of, mult) == inter:
+            break
+    else:  # any width: round up to a multiple of itself, from a multiplier that lands just below it
+        multiple_of, base = inter, int(2 * (4 * dim) / 3)
+        mult = inter / base if base > inter else None
+    params["multiple_of"] = multiple_of
+    if mult is not None:
+        params["ffn_dim_multiplier"] = mult
+    if meta_ffn_size(dim, multiple_of, mult) != inter:
+        raise ZhtuneError(f"cannot express intermediate_size={inter} in params.json", where="config.json")
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    if theta != 10000.0:
+        params["rope_theta"] = theta
+    return params
+
+
+def config_from_params(params: dict, vocab_size: int) -> dict:
+    """params.json -> config.json (dict) for LlamaForCausalLM (transformers 5: rope_parameters)."""
+    from transformers import LlamaConfig
+
+    try:
+        dim, n_heads = int(params["dim"]), int(params["n_heads"])
+        inter = meta_ffn_size(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=dim, intermediate_size=inter,
+            num_hidden_layers=int(params["n_layers"]), num_attention_heads=n_heads,
+            num_key_value_heads=int(params.get("n_kv_heads") or n_heads),
+            rms_norm_eps=float(params.get("norm_eps", 1e-5)),
+            max_position_embeddings=int(params.get("max_seq_len", 4096 if vocab_size > 32000 or
+                                                   params.get("n_kv_heads") else 2048)),
+            rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
+            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ZhtuneError(f"params.json is missing or has a bad value: {exc}", where="params.json",
+                          expected="dim, n_layers, n_heads, norm_eps, multiple_of (Meta's format)") from None
+    config.architectures = ["LlamaForCausalLM"]
+    return config.to_dict()
+
+
+def num_shards_for(config: dict, model_size: str | None = None) -> int:
+    """How many consolidated.NN.pth Meta ships for this model (1 for anything it doesn't ship)."""
+    size = model_size or SIZE_BY_SHAPE.get((config["hidden_size"], config["num_hidden_layers"]))
+    if size and size.upper() not in MP_SHARDS:
+        raise ZhtuneError(f"unknown model size {size!r}", where="--model-size", expected=", ".join(MP_SHARDS))
+    return MP_SHARDS[size.upper()] if size else 1
+
+
+# ---- HF -> Meta (merge --format pth) ----------------------------------------------------------
+def hf_to_meta(hf_dir: str | Path, out_dir: str | Path, num_shards: int | None = None,
+               model_size: str | None = None, dtype=None) -> Path:
+    """Write an HF LLaMA folder (safetensors) as consolidated.NN.pth + params.json + tokenizer.model.
+
+    Builds one rank at a time, so peak memory is one consolidated file (1/num_shards of the model).
+    """
+    import torch
+
+    from zhtune.export.merge import WeightReader
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") not in ("llama", None):
+        raise ZhtuneError(f"Meta's layout is for LLaMA models, not {config.get('model_type')!r}",
+                          where=str(hf_dir / "config.json"), expected="model_type llama")
+    n = num_shards or num_shards_for(config, model_size)
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if kv % n or config["hidden_size"] % n or config["intermediate_size"] % n:
+        raise ZhtuneError(f"cannot split into {n} model-parallel shards", where="--num-shards",
+                          expected=f"a divisor of num_key_value_heads ({kv}) and hidden_size")
+    reader = WeightReader(hf_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for rank in range(n):
+        shard = {}
+        for name in reader.names():
+            meta = hf_to_meta_name(name)
+            w = reader.get(name)
+            if dtype is not None:
+                w = w.to(dtype)
+            if meta.endswith("attention.wq.weight"):
+                w = to_meta_qk(w, heads)
+            elif meta.endswith("attention.wk.weight"):
+                w = to_meta_qk(w, kv)
+            dim = SPLIT_DIM.get(_kind(meta))
+            if dim is not None and n > 1:
+                w = torch.chunk(w, n, dim=dim)[rank]
+            shard[meta] = w.clone().contiguous()  # clone: save only the slice, not the whole storage
+        torch.save(shard, out_dir / f"consolidated.{rank:02d}.pth")
+        del shard
+    (out_dir / "params.json").write_text(json.dumps(params_from_config(config), indent=2) + "\n", encoding="utf-8")
+    if (hf_dir / "tokenizer.model").is_file():
+        shutil.copyfile(hf_dir / "tokenizer.model", out_dir / "tokenizer.model")
+    return out_dir
+
+
+# ---- Meta -> HF (convert meta) -----------------------------------------------------------------
+def _meta_files(input_dir: Path, model_size: str | None) -> tuple[Path, list[Path], Path]:
+    """(weights folder, consolidated files in rank order, tokenizer.model) of a Meta download."""
+    folder = input_dir / model_size if model_size and (input_dir / model_size).is_dir() else input_dir
+    files = sorted(folder.glob("consolidated.*.pth"))
+    if not files:
+        raise ZhtuneError(f"no consolidated.*.pth in {folder}", where=str(folder),
+                          expected="Meta's checkpoint folder: consolidated.00.pth ... + params.json",
+                          hint="pass the folder that holds them (or its parent with --model-size 7B)")
+    if not (folder / "params.json").is_file():
+        raise ZhtuneError(f"params.json missing in {folder}", where=str(folder / "params.json"),
+                          expected="Meta's params.json beside consolidated.*.pth")
+    tok = next((p for p in (folder / "tokenizer.model", folder.parent / "tokenizer.model") if p.is_file()), None)
+    if tok is None:
+        raise ZhtuneError(f"tokenizer.model missing in {folder} and its parent", where=str(folder),
+                          expected="Meta's tokenizer.model")
+    return folder, files, tok
+
+
+def meta_to_hf(input_dir: str | Path, output_dir: str | Path, model_size: str | None = None,
+               max_shard_size: int = 2 * 1000**3, dtype=None, overwrite: bool = False) -> Path:
+    """Convert Meta's layout to an HF folder (safetensors shards + index, config, tokenizer)."""
+    import torch
+
+    from zhtune.export.merge import TensorSpec, write_sharded_safetensors
+    from zhtune.io import atomic_output_dir, atomic_write_json, load_state_dict
+    from zhtune.vocab.hf import write_hf_tokenizer
+
+    folder, files, tok_model = _meta_files(Path(input_dir), model_size)
+    params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
+    ranks = [load_state_dict(f) for f in files]  # mmapped: pages are read as tensors are converted
+    names = [k for k in ranks[0] if k not in _IGNORED_META]
+    vocab = ranks[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in ranks[0] else None
+    if vocab is None:
+        raise ZhtuneError("consolidated.00.pth has no tok_embeddings.weight", where=str(files[0]),
+                          expected="a LLaMA checkpoint")
+    if params.get("vocab_size", -1) > 0 and int(params["vocab_size"]) != vocab:
+        raise ZhtuneError(f"params.json vocab_size={params['vocab_size']} but tok_embeddings has {vocab} rows",
+                          where=str(folder / "params.json"), expected="matching vocab sizes")
+    config = config_from_params(params, vocab)
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+
+    def split_dim(meta_name: str) -> int | None:
+        key = _kind(meta_name)
+        dim = SPLIT_DIM.get(key) if len(ranks) > 1 else None
+        if key == "tok_embeddings" and dim is not None and ranks[0][meta_name].shape[1] == config["hidden_size"]:
+            dim = 0  # LLaMA-3 shards the vocabulary (VocabParallelEmbedding) instead of the width
+        return dim
+
+    def tensor(spec):
+        parts = [r[spec.source] for r in ranks]
+        dim = split_dim(spec.source)
+        w = torch.cat(parts, dim=dim) if dim is not None else parts[0]
+        if _kind(spec.source) == "wq":
+            w = to_hf_qk(w, heads)
+        elif _kind(spec.source) == "wk":
+            w = to_hf_qk(w, kv)
+        return w.to(spec.dtype)
+
+    specs = []
+    for meta_name in names:
+        shape = list(ranks[0][meta_name].shape)
+        dim = split_dim(meta_name)
+        if dim is not None:
+            shape[dim] = sum(r[meta_name].shape[dim] for r in ranks)
+        specs.append(TensorSpec(meta_to_hf_name(meta_name), tuple(shape),
+                                dtype or ranks[0][meta_name].dtype, meta_name))
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        write_sharded_safetensors(tmp, specs, tensor, max_shard_size)
+        config["dtype"] = str(specs[0].dtype).replace("torch.", "")
+        atomic_write_json(tmp / "config.json", config)
+        atomic_write_json(tmp / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+        write_hf_tokenizer(tok_model, tmp)
+    return Path(output_dir)
+
+
+def main(argv: list[str]) -> int:
+    from zhtune.args import existing_path, make_parser, parse_size
+
+    parser = make_parser(
+        "convert meta",
+        """
+        把 Meta 官方权重 (consolidated.*.pth + params.json + tokenizer.model) 转成 HF 格式 (safetensors)。
+        Convert Meta's LLaMA checkpoint to a Hugging Face folder: merges model-parallel shards (13B has 2,
+        70B has 8), handles grouped-query attention and the rotary q/k permutation.
+        """,
+        """
+        zhtune convert meta --input llama-2-7b/ --output llama-2-7b-hf/
+        zhtune convert meta --input LLaMA/ --model-size 13B --output llama-13b-hf/ --dtype float16
+        """,
+    )
+    parser.add_argument("--input", required=True, type=existing_path, help="folder with consolidated.*.pth and params.json")
+    parser.add_argument("--output", required=True, help="new HF model folder")
+    parser.add_argument("--model-size", default=None, help="subfolder of --input to convert (7B, 13B, ...)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                        help="output dtype (default: as stored)")
+    parser.add_argument("--max-shard-size", default="2GB", type=parse_size, help="largest output shard")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    import torch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = meta_to_hf(args.input, args.output, args.model_size, args.max_shard_size, dtype, args.overwrite)
+    print(f"已转换 converted: {args.input} -> {out}")
+    return 0
