@@ -327,6 +327,9 @@ def _worker_main(engine_ref, requests: queue.SimpleQueue) -> None:
             _Batch(engine, requests).run([first])
         except BaseException as exc:  # never leave a caller waiting forever
             print(f"zhtune hf worker error: {exc!r}", file=sys.stderr)
+        if engine._closed:     # close() arrived while the batch ran (its None was consumed there)
+            _fail_pending(requests, None)
+            return
         del engine
 
 
