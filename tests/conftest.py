@@ -97,3 +97,36 @@ def copy_of(tmp_path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def grown_tokenizer_dir(tmp_path_factory, base_sp_model) -> Path:
+    """The base tokenizer with ~300 Chinese pieces appended after every base piece (what `vocab merge`
+    produces), built directly on the SentencePiece protobuf; the base model is kept beside it as
+    base_tokenizer.model, where `vocab merge` records it."""
+    import collections
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    from zhtune.vocab.hf import write_hf_tokenizer
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(base_sp_model).read_bytes())
+    have = {p.piece for p in proto.pieces}
+    text = "".join(tiny.asset_lines("zh_corpus.txt"))
+    cjk = [c for c in text if "\u4e00" <= c <= "\u9fff"]
+    bigrams = collections.Counter(a + b for a, b in zip(cjk, cjk[1:]))
+    pieces = [c for c, _ in collections.Counter(cjk).most_common(200)] + [b for b, _ in bigrams.most_common(80)]
+    pieces += ["\u2581" + c for c, _ in collections.Counter(cjk).most_common(20)]
+    score = min(p.score for p in proto.pieces) - 1.0
+    for piece in dict.fromkeys(pieces):
+        if piece not in have:
+            proto.pieces.add(piece=piece, score=score, type=sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL)
+            score -= 0.01  # each after the last: English is tokenised exactly as before
+    root = tmp_path_factory.mktemp("grown_tok")
+    (root / "merged.model").write_bytes(proto.SerializeToString())
+    spm.SentencePieceProcessor(model_file=str(root / "merged.model"))  # it loads
+    out = write_hf_tokenizer(root / "merged.model", root / "tokenizer")
+    shutil.copyfile(base_sp_model, out / "base_tokenizer.model")
+    return out
