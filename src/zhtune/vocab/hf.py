@@ -1,8 +1,23 @@
-"""SentencePiece model -> a Hugging Face tokenizer folder that gives exactly sentencepiece's ids.
+"""SentencePiece model -> a Hugging Face tokenizer folder whose fast tokenizer gives sentencepiece's ids.
 
-Writes tokenizer.model, tokenizer_config.json (LlamaTokenizer, add_bos_token), special_tokens_map.json
-and a fast tokenizer.json. (transformers 5: a folder with only tokenizer.model loads as a generic
-backend with other ids, and save_pretrained does not write tokenizer.model, so we write both.)
+Used by `zhtune vocab merge` and the test fixtures: `write_hf_tokenizer(sp_model, out_dir)`.
+
+Why not transformers' own converter: it rebuilds merges from the vocabulary in a way that does not
+follow sentencepiece's BPE on merged vocabularies, and LlamaTokenizer's Metaspace pre-tokenizer
+drops the dummy prefix of a text that starts with a space (" a" -> "▁a" instead of "▁▁a"). So we
+build tokenizer.json ourselves:
+
+- merges: sentencepiece BPE repeatedly joins the adjacent pair whose *joined piece* has the highest
+  score (leftmost on ties). A fast BPE joins the pair of lowest merge rank. Listing every split
+  (left, right) of every piece, both halves being pieces, ranked by the joined piece's score,
+  reproduces it exactly as long as scores are distinct (`vocab merge --mode preserve|chars` make
+  them distinct; `all-pieces` gives every new piece score 0, which no rank order can reproduce).
+- normalizer Prepend("▁") + Replace(" ", "▁") (sentencepiece's add_dummy_prefix and whitespace
+  escaping, also for a leading space), no pre-tokenizer (sentencepiece sees the whole text at once),
+  byte_fallback for characters outside the vocabulary, and a decoder that undoes all of it.
+- tokenizer_config.json names TokenizersBackend (the generic fast tokenizer), which loads
+  tokenizer.json as written; naming LlamaTokenizer would make transformers rebuild the pipeline
+  with the Metaspace pre-tokenizer above.
 """
 
 from __future__ import annotations
@@ -10,30 +25,174 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Iterable
 
-from zhtune.io import atomic_write_json
+from zhtune.errors import ZhtuneError
+from zhtune.io import atomic_write_bytes, atomic_write_json
+
+# sentencepiece_model.proto piece types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # ▁, sentencepiece's visible space
+HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def read_sp_model(path: str | Path, what: str = "SentencePiece model"):
+    """Parse a SentencePiece .model file into a ModelProto; a ZhtuneError names the file otherwise."""
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    path = Path(path)
+    if not path.is_file():
+        raise ZhtuneError(f"{what} not found: {path}", where=str(path),
+                          expected="a SentencePiece .model file (e.g. tokenizer.model)")
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        proto = None
+        reason = str(exc)
+    else:
+        reason = "no pieces"
+    if proto is None or len(proto.pieces) == 0:
+        raise ZhtuneError(f"not a SentencePiece model: {path} ({reason})", where=str(path),
+                          expected="a SentencePiece .model file (protobuf), like LLaMA's tokenizer.model")
+    return proto
+
+
+def sp_processor(proto):
+    """A sentencepiece processor for a ModelProto (serialised deterministically)."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString(deterministic=True))
+
+
+def sp_merges(proto) -> list[tuple[str, str]]:
+    """Every (left, right) whose concatenation is a piece, in the order sentencepiece BPE joins them.
+
+    Pieces that take part: normal and user-defined ones (sentencepiece's `pieces_` map).
+    Order: score of the joined piece, highest first; then the joined piece's id; then the split
+    point (ties of one piece only matter for periodic strings like "aba", which are rare).
+    """
+    scores = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type in (NORMAL, USER_DEFINED)}
+    ranked = []
+    for piece, (score, pid) in scores.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in scores and right in scores:
+                ranked.append((-score, pid, cut, left, right))
+    ranked.sort()
+    return [(left, right) for _, _, _, left, right in ranked]
+
+
+def _normalizer(spec):
+    """sentencepiece's normalizer_spec as a tokenizers normalizer (None when it does nothing)."""
+    from tokenizers import Regex, normalizers
+
+    steps = []
+    if spec.precompiled_charsmap and spec.name not in ("identity", ""):
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend(SPACE if spec.escape_whitespaces else " "))
+    if spec.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", SPACE))
+    return normalizers.Sequence(steps) if steps else None
+
+
+def build_fast_tokenizer(proto):
+    """A `tokenizers.Tokenizer` that encodes and decodes like the sentencepiece BPE model `proto`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, processors
+    from tokenizers.models import BPE
+
+    if proto.trainer_spec.model_type != 2:  # 1 unigram, 2 bpe, 3 word, 4 char
+        raise ZhtuneError("only SentencePiece BPE models can be written as a fast BPE tokenizer",
+                          where=f"model_type={proto.trainer_spec.model_type}",
+                          expected="a BPE SentencePiece model (LLaMA, Mistral, `zhtune vocab train`)")
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    unk = next((p.piece for p in proto.pieces if p.type == UNKNOWN), None)
+    model = BPE(vocab=vocab, merges=sp_merges(proto), unk_token=unk, fuse_unk=True,
+                byte_fallback=bool(proto.trainer_spec.byte_fallback), dropout=None)
+    tok = Tokenizer(model)
+    tok.normalizer = _normalizer(proto.normalizer_spec)
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if proto.normalizer_spec.add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    special = [AddedToken(p.piece, special=True, normalized=False)
+               for p in proto.pieces if p.type in (UNKNOWN, CONTROL)]
+    tok.add_special_tokens(special)
+    user = [AddedToken(p.piece, special=False, normalized=False) for p in proto.pieces if p.type == USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+    bos = _piece_of(proto, proto.trainer_spec.bos_id)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, proto.trainer_spec.bos_id)])
+    return tok
+
+
+def _piece_of(proto, index: int) -> str | None:
+    return proto.pieces[index].piece if 0 <= index < len(proto.pieces) else None
+
+
+def tokenizer_config(proto, extra_config: dict | None = None) -> dict:
+    """tokenizer_config.json: the generic fast backend, BOS added, specials named from the model."""
+    spec = proto.trainer_spec
+    config = {
+        "tokenizer_class": "TokenizersBackend",
+        "add_bos_token": spec.bos_id >= 0, "add_eos_token": False,
+        "bos_token": _piece_of(proto, spec.bos_id), "eos_token": _piece_of(proto, spec.eos_id),
+        "unk_token": _piece_of(proto, spec.unk_id), "pad_token": _piece_of(proto, spec.pad_id),
+        "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000,
+        "padding_side": "left",
+    }
+    config.update(extra_config or {})
+    return config
 
 
 def write_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, extra_config: dict | None = None) -> Path:
-    """Write an HF tokenizer folder for `sp_model` into `out_dir` (created)."""
-    from transformers import AutoTokenizer
+    """Write an HF tokenizer folder for `sp_model` into `out_dir` (created; files written atomically).
 
+    Files: tokenizer.model (the sentencepiece model, for llama.cpp and sentencepiece users),
+    tokenizer.json (fast), tokenizer_config.json, special_tokens_map.json.
+    """
+    proto = read_sp_model(sp_model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(sp_model, out / "tokenizer.model")
-    config = {
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-        "legacy": False, "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000,
-    }
-    config.update(extra_config or {})
+    if Path(sp_model).resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(sp_model, out / "tokenizer.model")
+    tok = build_fast_tokenizer(proto)
+    # tokenizers writes vocab by id and merges by rank: the same model gives the same bytes
+    atomic_write_bytes(out / "tokenizer.json", (tok.to_str(pretty=True) + "\n").encode("utf-8"))
+    config = tokenizer_config(proto, extra_config)
     atomic_write_json(out / "tokenizer_config.json", config)
     atomic_write_json(out / "special_tokens_map.json",
-                      {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    tok = AutoTokenizer.from_pretrained(str(out))
-    tok.save_pretrained(str(out))  # adds tokenizer.json (fast); keeps our tokenizer.model
-    # save_pretrained rewrites tokenizer_config.json; keep the keys that make the folder load right
-    saved = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    saved.update({k: v for k, v in config.items() if k in ("tokenizer_class", "add_bos_token", "add_eos_token", "legacy")})
-    atomic_write_json(out / "tokenizer_config.json", saved)
+                      {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(k)})
     return out
+
+
+def compare_with_sp(tokenizer_dir: str | Path, lines: Iterable[str], sp_model: str | Path | None = None) -> dict:
+    """Encode each line with the HF folder (AutoTokenizer) and with sentencepiece; count agreement.
+
+    Returns {"lines": n, "same_ids": k, "roundtrip": r, "first_difference": {...} | None}.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(tokenizer_dir)
+    sp = sp_processor(read_sp_model(sp_model or folder / "tokenizer.model"))
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    n = same = roundtrip = 0
+    first = None
+    for line in lines:
+        n += 1
+        ids_sp = sp.encode(line)
+        ids_hf = hf.encode(line, add_special_tokens=False)
+        if ids_sp == ids_hf:
+            same += 1
+        elif first is None:
+            first = {"line": n, "text": line[:200], "sentencepiece": sp.id_to_piece(ids_sp)[:40],
+                     "hf": hf.convert_ids_to_tokens(ids_hf)[:40]}
+        roundtrip += hf.decode(ids_hf) == line
+    return {"lines": n, "same_ids": same, "roundtrip": roundtrip, "first_difference": first}
