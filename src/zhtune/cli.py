@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     if found is None:
         group = [n for n in available() if n.split()[0] == argv[0]]
         if group:  # e.g. `zhtune vocab` alone: list its subcommands
-            print(f"usage: zhtune {argv[0]} {{{'|'.join(n.split()[1] for n in group)}}} ...\n")
+            ok = len(argv) == 1 or argv[1] in ("-h", "--help")
+            out = sys.stdout if ok else sys.stderr  # `zhtune vocab trian` is an error: stderr, exit 2
+            print(f"usage: zhtune {argv[0]} {{{'|'.join(n.split()[1] for n in group)}}} ...\n", file=out)
             for n in group:
-                print(f"  {n:<15} {COMMANDS[n][1]}")
-            return 0 if len(argv) == 1 or argv[1] in ("-h", "--help") else 2
+                print(f"  {n:<15} {COMMANDS[n][1]}", file=out)
+            return 0 if ok else 2
         import difflib
 
         close = difflib.get_close_matches(" ".join(argv[:2]), list(available()), n=1) or \
