@@ -75,7 +75,7 @@ def step_base(demo: Demo) -> str:
 
 def step_vocab(demo: Demo) -> str:
     corpus = tiny.asset("zh_corpus.txt")
-    demo.zhtune("vocab", "train", "--corpus", corpus, "--vocab-size", "2000", "--output", demo.path("zh_vocab"))
+    demo.zhtune("vocab", "train", "--corpus", corpus, "--vocab-size", "4000", "--output", demo.path("zh_vocab"))
     demo.zhtune("vocab", "merge", "--base", demo.path("base_tokenizer"), "--add",
                 demo.path("zh_vocab", "zh_sp.model"), "--output", demo.path("tokenizer"))
     held = tiny.asset_lines("zh_heldout.txt")
