@@ -154,6 +154,15 @@ class Engine:
                               expected="a string or a list of {role, content} messages")
         return self.template.render(prompt, self.bos_token, self.eos_token)
 
+    def segments(self, prompt: Prompt) -> list[str]:
+        """The prompt as training tokenised it: each template segment (a turn's prompt, an answer)
+        is tokenised on its own and the ids concatenated (zhtune.data.sft does the same)."""
+        if isinstance(prompt, str):
+            return [prompt]
+        self.format(prompt)   # type checks
+        return [seg for pair in self.template.encode_pairs(prompt, self.bos_token, self.eos_token)
+                for seg in pair if seg]
+
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
 

@@ -259,9 +259,11 @@ class HFEngine(Engine):
 
     # --- public API ------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
-        text = self.format(prompt)
-        # a conversation's text already holds {bos} from the template; raw text gets the tokenizer's BOS
-        return self.tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+        """Prompt ids exactly as training built them (segment by segment; raw text gets BOS)."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return [i for ids in self.tokenizer(self.segments(prompt), add_special_tokens=False)["input_ids"]
+                for i in ids]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
