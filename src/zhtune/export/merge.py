@@ -209,11 +209,11 @@ class Adapter:
     template: str | None = None          # training template name (run.yaml)
     run: dict = field(default_factory=dict)
 
-    def vocab_rows(self) -> int | None:
-        """Rows of the vocabulary this adapter carries (full embeddings or trainable rows past the end)."""
+    def vocab_rows(self, current: int) -> int | None:
+        """Rows of the vocabulary this adapter carries: full embeddings, or trainable rows past `current`."""
         if EMBED in self.full:
             return self.full[EMBED].shape[0]
-        if EMBED in self.tokens:
+        if EMBED in self.tokens and int(self.tokens[EMBED][0].max()) + 1 > current:
             return int(self.tokens[EMBED][0].max()) + 1
         return None
 
@@ -344,7 +344,7 @@ def plan_merge(base_dir: Path, reader: WeightReader, config: dict, adapters: lis
             raise ZhtuneError(f"adapter was trained on {want}, the base is {arch}", where=where,
                               expected=f"an adapter for {arch}", hint="check --base / the adapter's run.yaml")
         _check_lora_shapes(ad, reader, rows, where)
-        new = ad.vocab_rows()
+        new = ad.vocab_rows(rows)
         if new is not None:
             if ad.tokenizer_size is None:
                 raise ZhtuneError(f"adapter carries a {new}-row vocabulary but no tokenizer", where=where,
@@ -395,7 +395,7 @@ def _check_lora_shapes(ad: Adapter, reader: WeightReader, rows: int, where: str)
         out_f, in_f = reader.shape(param)
         if emb:
             out_f = rows  # the vocabulary may have grown in an earlier adapter
-            ok = b.shape[0] == in_f and a.shape[1] in (out_f, ad.vocab_rows())
+            ok = b.shape[0] == in_f and a.shape[1] in (out_f, ad.vocab_rows(rows))
         else:
             ok = b.shape[0] == out_f and a.shape[1] == in_f
         if not ok:
@@ -451,6 +451,20 @@ def find_base(adapters: list[Path]) -> Path:
                       hint=f"the adapter names {next((c for c in cands if c), 'nothing')}")
 
 
+def _check_chain(dirs: list[Path]) -> None:
+    """Refuse merging an adapter twice: one trained from another (peft_path) already contains it."""
+    for k, d in enumerate(dirs):
+        peft_path = ((_run_yaml(d).get("config") or {}).get("peft_path"))
+        if not peft_path:
+            continue
+        start = Path(peft_path).expanduser().resolve()
+        for j, earlier in enumerate(dirs):
+            if j != k and start in (earlier.resolve(), earlier.parent.resolve()):
+                raise ZhtuneError(f"{d} was trained on top of {earlier} (peft_path), so it already contains it",
+                                  where=f"--lora {earlier}", expected="each adapter's changes once",
+                                  hint=f"merge only {d}")
+
+
 def _write_tokenizer(plan: Plan, out: Path) -> str | None:
     """Copy the chosen tokenizer files and set the training template's chat_template."""
     from zhtune.data.templates import get_template
@@ -483,6 +497,7 @@ def merge(base: str | Path | None, loras: list[str | Path], output: str | Path, 
     if not loras:
         raise ZhtuneError("no adapter given", where="--lora", expected="one or more --lora DIR")
     dirs = [resolve_adapter_dir(p) for p in loras]
+    _check_chain(dirs)
     base = Path(base) if base else find_base(dirs)
     if not (base / "config.json").is_file():
         raise ZhtuneError(f"no config.json in {base}", where="--base", expected="an HF model folder")

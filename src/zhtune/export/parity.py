@@ -68,7 +68,7 @@ def peft_reference(base: Path, adapter_dirs: list[Path]):
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     for i, d in enumerate(adapter_dirs):
-        rows = load_adapter(d).vocab_rows()
+        rows = load_adapter(d).vocab_rows(model.get_input_embeddings().weight.shape[0])
         if rows and rows != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(rows, mean_resizing=False)
         model = PeftModel.from_pretrained(model, str(d))
