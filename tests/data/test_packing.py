@@ -32,7 +32,8 @@ def model(tiny_model_dir):
 def token_losses(model, batch) -> torch.Tensor:
     """(B, T) cross-entropy of each label under the logits of the token before it; 0 where unlabelled."""
     with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+        logits = model(**inputs).logits.float()
     labels = batch["labels"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
     out = torch.zeros(batch["labels"].shape)
@@ -67,10 +68,31 @@ def test_packed_sft_loss_equals_unpacked(tok, model, sft_qa):
             assert torch.allclose(losses[i, a:b], single, atol=1e-5), (i, a, b)
             checked += 1
     assert checked >= 4
-    # the Trainer's loss (mean over label tokens) is the same number packed or not
+    # the Trainer's loss (mean over label tokens) is the same number packed or not, and computing
+    # logits only where there is a label (the collator's logits_to_keep/shift_labels) changes nothing
+    n_labels = (batch["labels"] != IGNORE).sum().item()
     with torch.no_grad():
-        packed_loss = model(**batch).loss
-    assert abs(packed_loss.item() - losses.sum().item() / (batch["labels"] != IGNORE).sum().item()) < 1e-5
+        out = model(**batch)
+    assert out.logits.shape == (n_labels, model.config.vocab_size) and len(batch["shift_labels"]) == n_labels
+    assert abs(out.loss.item() - losses.sum().item() / n_labels) < 1e-5
+
+
+def test_trainer_trains_and_evaluates_with_the_collator(tok, tiny_model_dir, sft_qa, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    cfg = TrainConfig(stage="sft", dataset=[str(sft_qa)], max_samples=16, cutoff_len=256, packing=True, val_size=4)
+    data = build_sft_dataset(cfg, tok, get_template("alpaca"))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model.config.use_cache = False
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2,
+                             learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, label_names=["labels"])
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                      data_collator=data.collator)
+    assert trainer.train().metrics["train_loss"] > 0
+    assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
+    assert 0 < trainer.evaluate()["eval_loss"] < 20
 
 
 def test_changing_one_sample_leaves_the_others_untouched(tok, model, sft_qa):

@@ -153,7 +153,9 @@ def test_collator_pads_unpacked_rows_with_an_attention_mask(tmp_path, tok, sft_q
     rows = [b.train[i] for i in range(3)]
     batch = b.collator(rows)
     width = max(len(r["input_ids"]) for r in rows)
-    assert set(batch) == {"input_ids", "labels", "attention_mask"} and batch["input_ids"].shape == (3, width)
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "logits_to_keep", "shift_labels"}
+    assert batch["input_ids"].shape == (3, width)
+    assert batch["shift_labels"].tolist() == [x for r in rows for x in r["labels"][1:] if x != IGNORE]
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)

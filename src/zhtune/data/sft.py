@@ -178,12 +178,20 @@ def pack_samples(ds, cutoff_len: int):
 
 @dataclass
 class Collator:
-    """Pads a batch to its longest row: input_ids, labels (-100 on padding) and either
+    """Pads a batch to its longest row -> input_ids, labels (-100 on padding) and either
     attention_mask (unpacked rows) or position_ids (packed rows; padding gets its own run of
-    positions so it forms a separate 'sample' at the end that nothing real attends to)."""
+    positions, a separate 'sample' at the end that nothing real attends to).
+
+    label_logits_only: also emit `logits_to_keep` (bool, B x T: the positions whose next token has
+    a label) and `shift_labels` (those labels, flattened), so the model projects only those
+    positions onto the vocabulary. With a 50k vocabulary the output layer and its softmax are about
+    half of a small model's work, and in SFT most positions are prompt: this skips that waste.
+    The loss is the same number (tests/data/test_packing.py).
+    """
 
     pad_id: int
     pad_to_multiple_of: int | None = None
+    label_logits_only: bool = True
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -205,7 +213,13 @@ class Collator:
                 extra[i, n:] -= n        # padding restarts at 0: its own block in the mask
             else:
                 extra[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+        batch = {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+        if self.label_logits_only:
+            keep = torch.zeros(shape, dtype=torch.bool)
+            keep[:, :-1] = labels[:, 1:] != IGNORE          # position t predicts label t+1
+            batch["logits_to_keep"] = keep
+            batch["shift_labels"] = labels[:, 1:][keep[:, :-1]]   # (number of labels,), row-major like keep
+        return batch
 
 
 def make_collator(tokenizer) -> Collator:
