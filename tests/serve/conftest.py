@@ -53,11 +53,17 @@ def running_server(app):
 
 
 @pytest.fixture(scope="session")
+def serve_app():
+    """serve_app(app) -> a context manager running `app` on 127.0.0.1; yields its base URL."""
+    return running_server
+
+
+@pytest.fixture(scope="session")
 def api_app(api_engine):
     """The app without an API key (served name 'tiny')."""
     from zhtune.serve.api import create_app
 
-    return create_app(api_engine, served_model_name="tiny", max_concurrency=8, max_queue=256)
+    return create_app(api_engine, served_model_name="tiny", max_concurrency=16, max_queue=256)
 
 
 @pytest.fixture(scope="session")

@@ -83,8 +83,10 @@ class Runner:
     async def stream(self, jobs: list[tuple[Prompt, GenParams]]) -> AsyncIterator[tuple[int, Delta]]:
         """(choice index, Delta) from all jobs as they come; raises the first worker's exception.
 
-        The caller must have admitted len(jobs) generations; they are released as workers finish.
+        Admits len(jobs) generations first (APIError 503 past the bound); each is released when its
+        worker finishes or, still queued, is cancelled.
         """
+        self.admit(len(jobs))   # 503 before anything starts when the queue is full
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
