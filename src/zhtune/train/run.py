@@ -53,11 +53,11 @@ def _templates_text() -> str:
 
 
 def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
-    """nproc_per_node=N: re-run this command under torchrun with N processes on this machine."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}",
-               "-m", "zhtune", "train", *argv]
-    print("启动 launching: " + " ".join(command), flush=True)
-    return subprocess.call(command)
+    """nproc_per_node=N: re-run this command under torchrun with N processes on this machine
+    (train/launch.py; NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT describe several machines)."""
+    from zhtune.train.launch import launch_torchrun
+
+    return launch_torchrun(cfg.nproc_per_node, argv)
 
 
 def main(argv: list[str]) -> int:
