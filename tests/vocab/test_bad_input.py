@@ -124,6 +124,9 @@ def test_merge_flag_mistakes(tmp_path, capsys, base_tokenizer_dir, zh_sp_model):
     fails(capsys, tmp_path, *common, "--mode", "chars", "--chars", "9FFF-4E00", says=["--chars"])
     fails(capsys, tmp_path, *common, "--add", zh_sp_model, "--cjk-ranges", "CJK", says=["--cjk-ranges"])
     fails(capsys, tmp_path, *common, "--mode", "chars", "--chars", "0061-0065", says=["no new character"])
+    fails(capsys, tmp_path, *common, "--add", zh_sp_model, "--check-text", tmp_path / "missing.txt",
+          says=["missing.txt", "--check-text"])
+    fails(capsys, tmp_path, *common, "--add", zh_sp_model, "--name", "a/b", says=["--name"])
 
 
 def test_merge_refuses_existing_output(tmp_path, capsys, merged_preserve, base_tokenizer_dir, zh_sp_model):

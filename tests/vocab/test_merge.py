@@ -163,3 +163,16 @@ def test_score_ladder_stays_distinct_for_huge_scores():
     for below in (-31740.0, -1e9):
         ladder = np.array(_score_ladder(below, 5000), dtype=np.float32)
         assert ladder[0] < np.float32(below) and np.all(np.diff(ladder) < 0)
+
+
+def test_check_text_is_checked_too(tmp_path, base_tokenizer_dir, zh_sp_model, cli_run, merged_preserve):
+    extra = tmp_path / "mine.txt"
+    extra.write_text("我的文本\nmy own text\n  indented code()\n", encoding="utf-8")
+    out = tmp_path / "m"
+    assert cli_run("vocab", "merge", "--base", base_tokenizer_dir, "--add", zh_sp_model, "--output", out,
+                   "--check-text", extra) == 0
+    with_extra = json.loads((out / "merge_report.json").read_text(encoding="utf-8"))
+    default = json.loads((merged_preserve / "merge_report.json").read_text(encoding="utf-8"))
+    assert with_extra["check_lines"] == default["check_lines"] + 3
+    assert with_extra["non_chinese_unchanged"] == with_extra["non_chinese_lines"] == default["non_chinese_lines"] + 2
+    assert with_extra["fast_equals_sentencepiece"] == with_extra["check_lines"]

@@ -192,7 +192,8 @@ def compare_with_sp(tokenizer_dir: str | Path, lines: Iterable[str], sp_model: s
         if ids_sp == ids_hf:
             same += 1
         elif first is None:
-            first = {"line": n, "text": line[:200], "sentencepiece": sp.id_to_piece(ids_sp)[:40],
-                     "hf": hf.convert_ids_to_tokens(ids_hf)[:40]}
+            at = next((i for i, (a, b) in enumerate(zip(ids_sp, ids_hf)) if a != b), min(len(ids_sp), len(ids_hf)))
+            first = {"line": n, "text": line[:80], "token": at,
+                     "sentencepiece": sp.id_to_piece(ids_sp[at:at + 6]), "hf": hf.convert_ids_to_tokens(ids_hf[at:at + 6])}
         roundtrip += hf.decode(ids_hf) == line
     return {"lines": n, "same_ids": same, "roundtrip": roundtrip, "first_difference": first}

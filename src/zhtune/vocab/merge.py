@@ -235,7 +235,7 @@ def base_sp_model_for(tokenizer_dir: str | Path) -> Path | None:
 
 EXAMPLES = """
 # 把 vocab train 的中文词表并入 LLaMA-2 分词器 / merge a trained Chinese vocabulary into LLaMA-2's
-zhtune vocab merge --base meta-llama/Llama-2-7b-hf --add zh_vocab/zh_sp.model --output merged/
+zhtune vocab merge --base Llama-2-7b-hf/ --add zh_vocab/zh_sp.model --output merged/
 # Chinese-LLaMA-Alpaca 兼容模式 / compatibility with merge_tokenizers.py (all pieces, score 0)
 zhtune vocab merge --base llama/tokenizer.model --add zh_sp.model --mode all-pieces --output merged_cla/
 # 只加单个汉字 / single characters: the CJK ideographs block, or the characters of a file
@@ -267,7 +267,7 @@ def build_parser():
                    help="code points that count as Chinese for --mode preserve/chars (hex ranges)")
     p.add_argument("--name", default="chinese_llama", help="file name of the merged SentencePiece model")
     p.add_argument("--check-text", action="append", default=[], metavar="FILE",
-                   help="extra text files for the after-merge checks (default: zhtune's held-out texts)")
+                   help="more text for the after-merge checks (besides zhtune's held-out texts and edge cases)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return p
 
@@ -329,20 +329,15 @@ def main(argv: list[str]) -> int:
 
 def after_merge_checks(hf_dir: Path, base_model: Path, extra_texts: list[str], is_cjk) -> dict:
     """Fast == sentencepiece on every check line; non-Chinese lines keep the base's ids."""
+    from zhtune.tiny import asset
+    from zhtune.vocab.hf import compare_with_sp
     from zhtune.vocab.stats import read_lines, sp_encoder
 
-    lines = []
-    for text in extra_texts or []:
+    lines = [line for name in ("zh_heldout.txt", "en_corpus.txt") if asset(name).is_file()
+             for line in read_lines(asset(name))]
+    lines += CHECK_LINES
+    for text in extra_texts:
         lines += read_lines(text, flag="--check-text")
-    if not extra_texts:
-        from zhtune.tiny import asset
-
-        for name in ("zh_heldout.txt", "en_corpus.txt"):
-            if asset(name).is_file():
-                lines += read_lines(asset(name))
-        lines += CHECK_LINES
-    from zhtune.vocab.hf import compare_with_sp
-
     agree = compare_with_sp(hf_dir, lines)
     merged_sp, base_sp = sp_encoder(hf_dir / "tokenizer.model"), sp_encoder(base_model)
     plain = [line for line in lines if not any(is_cjk(ch) for ch in line)]
@@ -377,6 +372,9 @@ def _print_summary(args, info: dict, skipped: Counter, report: dict, seconds: fl
         why = (" (expected with --mode all-pieces: every new piece has score 0, and sentencepiece breaks "
                "those ties by position, which a fast BPE tokenizer cannot; use --mode preserve)"
                if args.mode == "all-pieces" else "")
+        first = report["first_difference"]
         print(f"  注意 note: the fast tokenizer differs from sentencepiece on "
-              f"{n - report['fast_equals_sentencepiece']} lines{why}; first: {report['first_difference']}", file=out)
+              f"{n - report['fast_equals_sentencepiece']} lines{why}.\n  first: check line {first['line']} "
+              f"{first['text'][:30]!r}... from token {first['token']}: sentencepiece {' '.join(first['sentencepiece'])} "
+              f"| fast {' '.join(first['hf'])}", file=out)
     print(f"用时 time: {seconds:.1f}s", file=out)
