@@ -9,6 +9,7 @@ OpenAI-compatible server (zhtune serve, vLLM) through langchain-openai; plus the
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -76,7 +77,8 @@ class Budget:
     context: int
     max_new_tokens: int
     count_dicts: Callable[[list[dict]], int]
-    exact: bool  # False over HTTP: counts are an estimate (1 token per character)
+    exact: bool  # False over HTTP without usage figures: an estimate of 1 token per character
+    note: str = ""
 
     @property
     def room(self) -> int:
@@ -86,7 +88,7 @@ class Budget:
         return self.count_dicts(to_dicts(messages))
 
     def describe(self) -> str:
-        how = "" if self.exact else " (estimated: 1 token per character / 按每字 1 token 估算)"
+        how = self.note if self.exact else " (estimated: 1 token per character / 按每字 1 token 估算)"
         return (f"context {self.context} tokens = {self.room} for the prompt + {self.max_new_tokens} "
                 f"for the answer (--max-new-tokens){how}")
 
@@ -167,20 +169,61 @@ def _server_model(args: argparse.Namespace) -> tuple[str, int | None]:
     return chosen.id, int(length) if isinstance(length, (int, float)) and length > 0 else None
 
 
-def open_api_llm(args: argparse.Namespace) -> tuple[BaseChatModel, Budget]:
+def _calibrate(args: argparse.Namespace, name: str, sample: str) -> tuple[float, float] | None:
+    """(tokens of a one-character conversation, tokens per character) measured on `sample` (the
+    prompt and document text) by two 1-token requests: the server's usage.prompt_tokens is exact.
+    None when the server reports no usage."""
+    import openai
+
+    client = openai.OpenAI(base_url=args.api_base, api_key=args.api_key, timeout=60, max_retries=0)
+
+    def prompt_tokens(text: str) -> int | None:
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": text}],
+                                               max_tokens=1, temperature=0)
+        return reply.usage.prompt_tokens if reply.usage else None
+
+    try:
+        base = prompt_tokens("你")
+        for size in (400, 100, 25):  # a shorter probe if the server's context is small
+            text = sample[:size]
+            try:
+                total = prompt_tokens("你" + text)
+            except openai.BadRequestError:
+                continue
+            if base is None or total is None or not text:
+                return None
+            return float(base), max((total - base) / len(text), 0.05)
+    except openai.APIError as exc:
+        raise ZhtuneError(f"the server failed a 1-token request: {exc}", where=f"--api-base {args.api_base}") from None
+    return None
+
+
+def open_api_llm(args: argparse.Namespace, sample: str = "") -> tuple[BaseChatModel, Budget]:
     from langchain_openai import ChatOpenAI
 
     name, server_context = _server_model(args)
     llm = ChatOpenAI(model=name, base_url=args.api_base, api_key=args.api_key, temperature=args.temperature,
                      top_p=args.top_p, max_tokens=args.max_new_tokens, seed=args.seed, timeout=600, max_retries=1)
     context = args.context_length or server_context or DEFAULT_API_CONTEXT
-    # No tokenizer over HTTP: 1 token per character over-counts English and suits an expanded Chinese vocab.
-    budget = Budget(context, args.max_new_tokens, lambda msgs: sum(len(m["content"]) + 8 for m in msgs), False)
+    rate = _calibrate(args, name, sample) if sample else None
+    if rate is None:  # no usage reported: 1 token per character suits an expanded Chinese vocabulary
+        base, per_char, exact = 8.0, 1.0, False
+    else:
+        base, per_char, exact = rate[0], rate[1], True
+
+    def count(msgs: list[dict]) -> int:
+        # measured rate, + per-message template overhead, + 10% because text differs from the sample
+        chars = sum(len(m["content"]) for m in msgs)
+        return math.ceil((base + per_char * chars + 8 * (len(msgs) - 1)) * 1.1)
+
+    budget = Budget(context, args.max_new_tokens, count, exact)
+    budget.note = f" (measured {per_char:.2f} tokens/char on your text, +10%)" if exact else ""
     return llm, _check_budget(budget)
 
 
-def open_llm(args: argparse.Namespace) -> tuple[BaseChatModel, Budget]:
-    llm, budget = open_engine_llm(args) if args.model else open_api_llm(args)
+def open_llm(args: argparse.Namespace, sample: str = "") -> tuple[BaseChatModel, Budget]:
+    """The chat model and its budget; `sample` (prompt + document text) calibrates counts over HTTP."""
+    llm, budget = open_engine_llm(args) if args.model else open_api_llm(args, sample)
     print(f"模型 model: {args.model or args.api_base} · {budget.describe()}", file=sys.stderr)
     return llm, budget
 

@@ -229,7 +229,7 @@ def main(argv: list[str]) -> int:
 
     emb = load_embeddings(args.embedding, device=args.embedding_device)
     index = open_index(args.docs, emb, args.index, args.chunk_size, args.chunk_overlap)
-    llm, budget = open_llm(args)
+    llm, budget = open_llm(args, sample=QA_SYSTEM + "".join(c.page_content for c in index.chunks[:3]))
     stream_to = None if args.json else sys.stdout
     try:
         if args.question is not None:

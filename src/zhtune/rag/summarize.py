@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     chunks = split_documents(load_documents(args.docs), args.chunk_size, args.chunk_overlap)
-    llm, budget = open_llm(args)
+    llm, budget = open_llm(args, sample=SUM_SYSTEM + "".join(c.page_content for c in chunks[:3]))
     stream_to = None if args.json else sys.stdout
     try:
         result = summarize(chunks, llm, budget, args.chain, stream_to)
