@@ -173,16 +173,23 @@ def write_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, extra_config: 
     return out
 
 
-def compare_with_sp(tokenizer_dir: str | Path, lines: Iterable[str], sp_model: str | Path | None = None) -> dict:
-    """Encode each line with the HF folder (AutoTokenizer) and with sentencepiece; count agreement.
+def compare_with_sp(tokenizer_dir: str | Path, lines: Iterable[str], sp_model: str | Path | None = None,
+                    use_transformers: bool = True) -> dict:
+    """Encode each line with the HF folder and with sentencepiece; count agreement.
 
+    use_transformers: load the folder with AutoTokenizer (what training does); False reads
+    tokenizer.json with `tokenizers` alone, which avoids importing torch (seconds) and runs the
+    same pipeline (the tests check that AutoTokenizer keeps it).
     Returns {"lines": n, "same_ids": k, "roundtrip": r, "first_difference": {...} | None}.
     """
-    from transformers import AutoTokenizer
-
     folder = Path(tokenizer_dir)
     sp = sp_processor(read_sp_model(sp_model or folder / "tokenizer.model"))
-    hf = AutoTokenizer.from_pretrained(str(folder))
+    if use_transformers:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(folder))
+    else:
+        hf = _FastOnly(folder / "tokenizer.json")
     n = same = roundtrip = 0
     first = None
     for line in lines:
@@ -197,3 +204,21 @@ def compare_with_sp(tokenizer_dir: str | Path, lines: Iterable[str], sp_model: s
                      "sentencepiece": sp.id_to_piece(ids_sp[at:at + 6]), "hf": hf.convert_ids_to_tokens(ids_hf[at:at + 6])}
         roundtrip += hf.decode(ids_hf) == line
     return {"lines": n, "same_ids": same, "roundtrip": roundtrip, "first_difference": first}
+
+
+class _FastOnly:
+    """The three calls compare_with_sp needs, on a bare `tokenizers.Tokenizer`."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.tok.id_to_token(i) for i in ids]

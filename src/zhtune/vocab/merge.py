@@ -338,7 +338,7 @@ def after_merge_checks(hf_dir: Path, base_model: Path, extra_texts: list[str], i
     lines += CHECK_LINES
     for text in extra_texts:
         lines += read_lines(text, flag="--check-text")
-    agree = compare_with_sp(hf_dir, lines)
+    agree = compare_with_sp(hf_dir, lines, use_transformers=False)  # no torch import: seconds faster
     merged_sp, base_sp = sp_encoder(hf_dir / "tokenizer.model"), sp_encoder(base_model)
     plain = [line for line in lines if not any(is_cjk(ch) for ch in line)]
     unchanged = sum(merged_sp(line) == base_sp(line) for line in plain)
