@@ -26,7 +26,7 @@ def serve_url(tiny_model_dir, tmp_path_factory):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")  # noqa: SIM115 (closed in finally)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "zhtune", "serve", "--model", str(tiny_model_dir),
                              "--port", str(port), "--api-key", KEY, "--served-model-name", "tiny"],

@@ -166,7 +166,7 @@ def test_fit_text_never_exceeds(engine_llm):
     from zhtune.rag.llm import fit_text
     from zhtune.rag.summarize import SUMMARIZE_PROMPT
 
-    llm, budget = engine_llm
+    budget = engine_llm[1]
 
     def build(t):
         return SUMMARIZE_PROMPT.format_messages(text=t)

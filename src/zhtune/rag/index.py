@@ -23,12 +23,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from `zhtune rag`
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from langchain_core.documents import Document  # noqa: E402
-from langchain_core.embeddings import Embeddings  # noqa: E402
+from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
 
-from zhtune.errors import ZhtuneError  # noqa: E402
-from zhtune.io import atomic_output_dir, atomic_write_json  # noqa: E402
-from zhtune.rag.docs import load_documents, split_documents  # noqa: E402
+from zhtune.errors import ZhtuneError
+from zhtune.io import atomic_output_dir, atomic_write_json
+from zhtune.rag.docs import load_documents, split_documents
 
 MANIFEST = "manifest.json"
 INDEX_VERSION = 1
@@ -209,7 +209,7 @@ def _why_rebuild(old: dict | None, new: dict) -> str:
 
 
 def build_index(chunks: list[Document], emb: SentenceEmbeddings,
-                known: dict[str, "object"] | None = None) -> VectorIndex:
+                known: dict[str, object] | None = None) -> VectorIndex:
     """Embed the chunks (reusing vectors of texts in `known`, e.g. from the previous index) into FAISS."""
     import faiss
     import numpy as np
@@ -272,7 +272,8 @@ def load_index(index_dir: Path, emb: SentenceEmbeddings) -> VectorIndex:
     try:
         index = faiss.read_index(str(index_dir / "index.faiss"))
         lines = (index_dir / "chunks.jsonl").read_text(encoding="utf-8").splitlines()
-        chunks = [Document(page_content=r["text"], metadata=r["metadata"]) for r in map(json.loads, filter(None, lines))]
+        rows = [json.loads(line) for line in lines if line]
+        chunks = [Document(page_content=r["text"], metadata=r["metadata"]) for r in rows]
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise ZhtuneError(f"index is damaged: {exc}", where=str(index_dir), hint="delete it and pass --docs") from None
     if index.ntotal == 0 or not chunks:

@@ -24,7 +24,15 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from zhtune.args import make_parser
 from zhtune.errors import ZhtuneError
-from zhtune.rag.llm import Budget, add_llm_args, call_llm, check_fixed_part, close_llm, fit_text, open_llm
+from zhtune.rag.llm import (
+    Budget,
+    add_llm_args,
+    call_llm,
+    check_fixed_part,
+    close_llm,
+    fit_text,
+    open_llm,
+)
 
 QA_SYSTEM = ("你是一个严谨、乐于助人的中文助手。请只根据给出的资料回答问题；资料中没有的内容，"
              "就回答“资料中没有提到”，不要编造。在用到资料的句子后面用方括号标出资料编号，例如 [1] 或 [2][3]。")
@@ -34,9 +42,9 @@ STUFF_PROMPT = ChatPromptTemplate.from_messages([
 ])
 REFINE_PROMPT = ChatPromptTemplate.from_messages([
     ("system", QA_SYSTEM),
-    ("human", "问题：{question}\n\n已有的回答：\n{existing_answer}\n\n新的资料：\n{context}\n\n"
-              "请结合新的资料改进已有的回答，保留已有的资料编号并补上新的编号；"
-              "如果新的资料没有帮助，就原样给出已有的回答。"),
+    ("human", ("问题：{question}\n\n已有的回答：\n{existing_answer}\n\n新的资料：\n{context}\n\n"
+               "请结合新的资料改进已有的回答，保留已有的资料编号并补上新的编号；"
+               "如果新的资料没有帮助，就原样给出已有的回答。")),
 ])
 CITATION = re.compile(r"\[(\d{1,3})\]")
 
@@ -173,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--question", "-q", help="one question; prints the answer and its sources")
     ask.add_argument("--interactive", "-i", action="store_true", help="ask questions one after another")
     parser.add_argument("--chain", "--chain_type", choices=["stuff", "refine"], default="stuff",
-                        help="stuff: all retrieved chunks in one prompt; refine: one chunk per call, improving the answer")
+                        help="stuff: all retrieved chunks in one prompt; "
+                             "refine: one chunk per call, improving the answer")
     parser.add_argument("--top-k", type=int, default=4, help="chunks to retrieve per question")
     parser.add_argument("--retrieval", choices=["hybrid", "dense", "bm25"], default="hybrid",
                         help="dense: embedding cosine; bm25: shared words (character bigrams); "
@@ -193,7 +202,8 @@ def add_docs_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--embedding-device", default=None, help="cpu / cuda (default: cuda if available)")
     group.add_argument("--index", default=None, help="folder to save the FAISS index in and reuse from")
     group.add_argument("--chunk-size", "--chunk_size", type=int, default=300, help="characters per chunk")
-    group.add_argument("--chunk-overlap", "--chunk_overlap", type=int, default=50, help="characters shared by neighbours")
+    group.add_argument("--chunk-overlap", "--chunk_overlap", type=int, default=50,
+                       help="characters shared by neighbours")
 
 
 def _print(result: Answer, as_json: bool, streamed: bool) -> None:
@@ -231,23 +241,30 @@ def main(argv: list[str]) -> int:
     index = open_index(args.docs, emb, args.index, args.chunk_size, args.chunk_overlap)
     llm, budget = open_llm(args, sample=QA_SYSTEM + "".join(c.page_content for c in index.chunks[:3]))
     stream_to = None if args.json else sys.stdout
+
+    def ask(question: str) -> None:
+        result = answer_question(question, index, llm, budget, args.chain, args.top_k, stream_to, args.retrieval)
+        _print(result, args.json, stream_to is not None)
+
     try:
         if args.question is not None:
-            _print(answer_question(args.question, index, llm, budget, args.chain, args.top_k, stream_to, args.retrieval),
-                   args.json, stream_to is not None)
+            ask(args.question)
             return 0
-        print("输入问题，回车提问；空行或 exit 退出。 Type a question; empty line or exit quits.", file=sys.stderr)
+        print("输入问题，回车提问；空行或 exit 退出；Ctrl-C 停止当前回答。\n"
+              "Type a question; an empty line or exit quits; Ctrl-C stops an answer.", file=sys.stderr)
         while True:
-            question = _read_question()
-            if question is None:
+            try:
+                question = _read_question()
+            except KeyboardInterrupt:
                 break
             if not question or question.lower() in ("exit", "quit", "q"):
                 break
             try:
-                _print(answer_question(question, index, llm, budget, args.chain, args.top_k, stream_to, args.retrieval),
-                       args.json, stream_to is not None)
+                ask(question)
             except ZhtuneError as exc:  # one bad question does not end the session
                 print(exc.render(), file=sys.stderr)
+            except KeyboardInterrupt:
+                print("\n已停止 stopped", file=sys.stderr)
         return 0
     finally:
         close_llm(llm)

@@ -23,7 +23,15 @@ from langchain_core.prompts import ChatPromptTemplate
 from zhtune.args import make_parser
 from zhtune.errors import ZhtuneError
 from zhtune.rag.docs import load_documents, split_documents
-from zhtune.rag.llm import Budget, add_llm_args, call_llm, check_fixed_part, close_llm, fit_text, open_llm
+from zhtune.rag.llm import (
+    Budget,
+    add_llm_args,
+    call_llm,
+    check_fixed_part,
+    close_llm,
+    fit_text,
+    open_llm,
+)
 
 SUM_SYSTEM = "你是一个擅长归纳的中文助手。摘要要忠实于原文，保留关键事实、数字和结论，不添加原文没有的内容。"
 SUMMARIZE_PROMPT = ChatPromptTemplate.from_messages([
@@ -32,14 +40,16 @@ SUMMARIZE_PROMPT = ChatPromptTemplate.from_messages([
 ])
 REFINE_PROMPT = ChatPromptTemplate.from_messages([
     ("system", SUM_SYSTEM),
-    ("human", "已有的摘要：\n{existing_summary}\n\n补充的文字：\n{text}\n\n"
-              "请结合补充的文字完善已有的摘要，仍用简洁的中文；如果补充的文字没有新信息，就原样给出已有的摘要。"),
+    ("human", ("已有的摘要：\n{existing_summary}\n\n补充的文字：\n{text}\n\n"
+               "请结合补充的文字完善已有的摘要，仍用简洁的中文；"
+               "如果补充的文字没有新信息，就原样给出已有的摘要。")),
 ])
 REDUCE_PROMPT = ChatPromptTemplate.from_messages([
     ("system", SUM_SYSTEM),
     ("human", "下面是同一批文档各部分的摘要：\n\n{text}\n\n请把它们合并成一段连贯、简洁的中文总摘要："),
 ])
 MAX_REDUCE_ROUNDS = 4
+BATCH = {"max_concurrency": 8}
 
 
 def pack(texts: list[str], budget: Budget, build) -> list[str]:
@@ -112,7 +122,8 @@ def summarize_map_reduce(texts: list[str], llm, budget: Budget, stream_to=None) 
     windows = pack(texts, budget, build_map)
     print(f"map: {len(windows)} window(s)", file=sys.stderr)
     mapper = SUMMARIZE_PROMPT | llm | StrOutputParser()
-    summaries = [s.strip() for s in mapper.batch([{"text": w} for w in windows])]  # engine batches these
+    # concurrent calls: the hf engine decodes them in one batch; a server gets at most 8 at a time
+    summaries = [s.strip() for s in mapper.batch([{"text": w} for w in windows], config=BATCH)]
     calls = len(windows)
     reducer = REDUCE_PROMPT | llm | StrOutputParser()
     for _ in range(MAX_REDUCE_ROUNDS):
@@ -120,7 +131,7 @@ def summarize_map_reduce(texts: list[str], llm, budget: Budget, stream_to=None) 
         if len(groups) == 1:
             return call_llm(reducer, {"text": groups[0]}, stream_to).strip(), calls + 1
         print(f"reduce: {len(summaries)} summaries -> {len(groups)}", file=sys.stderr)
-        summaries = [s.strip() for s in reducer.batch([{"text": g} for g in groups])]
+        summaries = [s.strip() for s in reducer.batch([{"text": g} for g in groups], config=BATCH)]
         calls += len(groups)
     raise ZhtuneError(f"the summaries did not fit one prompt after {MAX_REDUCE_ROUNDS} reduce rounds",
                       where="--chain map_reduce", hint="raise --context-length or lower --max-new-tokens")
@@ -157,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stuff: one prompt (short documents); refine: a running summary; "
                             "map_reduce: summarize parts, then merge")
     group.add_argument("--chunk-size", "--chunk_size", type=int, default=600, help="characters per chunk")
-    group.add_argument("--chunk-overlap", "--chunk_overlap", type=int, default=0, help="characters shared by neighbours")
+    group.add_argument("--chunk-overlap", "--chunk_overlap", type=int, default=0,
+                       help="characters shared by neighbours")
     parser.add_argument("--json", action="store_true", help="print the summary and its sources as one JSON object")
     add_llm_args(parser)
     return parser
