@@ -142,6 +142,7 @@ class Plan:
     batch: int = 1                          # per device
     seq: int = 512
     pairs: bool = False                     # dpo: chosen + rejected in one forward (2x the rows)
+    reference_adapter: bool = False         # dpo on peft_path: TRL keeps a frozen copy of the adapter
     gradient_checkpointing: bool = False
     half: bool = True                       # bf16/fp16 weights and activations (GPU default); False = fp32
     optim: str = "adamw_torch"
@@ -171,13 +172,19 @@ def _zero_from_file(path: str) -> tuple[int, bool, bool]:
 def plan_from_config(cfg, num_gpus: int = 1, grew: bool = False) -> Plan:
     """A TrainConfig -> Plan. `grew`: the tokenizer is larger than the model (embeddings get trained)."""
     stage, off_opt, off_par = _zero_from_file(cfg.deepspeed) if cfg.deepspeed else (0, False, False)
-    save = cfg.modules_to_save
-    targets = [t if t.endswith("_proj") else f"{t}_proj" for t in cfg.lora_target] or Plan().lora_targets
+    save, rank, wanted = cfg.modules_to_save, cfg.lora_rank, list(cfg.lora_target)
+    adapter = Path(cfg.peft_path or "").expanduser() / "adapter_config.json"
+    if cfg.peft_path and adapter.is_file():       # continuing an adapter: its own rank, targets, modules_to_save
+        known = json.loads(adapter.read_text(encoding="utf-8"))
+        rank, wanted = int(known.get("r", rank)), sorted(known.get("target_modules") or wanted)
+        save = known.get("modules_to_save") or []
+    targets = [t if t.endswith("_proj") else f"{t}_proj" for t in wanted] or Plan().lora_targets
     return Plan(
-        finetuning_type=cfg.finetuning_type, quantization_bit=cfg.quantization_bit, lora_rank=cfg.lora_rank,
+        finetuning_type=cfg.finetuning_type, quantization_bit=cfg.quantization_bit, lora_rank=rank,
         lora_targets=targets, lora_dropout=cfg.lora_dropout,
         train_embeddings=bool(save) if save is not None else grew,
         batch=cfg.per_device_train_batch_size, seq=cfg.cutoff_len, pairs=cfg.stage == "dpo",
+        reference_adapter=cfg.stage == "dpo" and bool(cfg.peft_path) and cfg.pref_loss not in ("orpo", "simpo"),
         gradient_checkpointing=bool(cfg.gradient_checkpointing), half=cfg.bf16 is not False or cfg.fp16,
         optim=cfg.optim, zero_stage=stage, offload_optimizer=off_opt, offload_param=off_par, num_gpus=num_gpus)
 
@@ -281,6 +288,9 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
         opt_per_param = _optimizer_bytes(plan.optim) * (1.0 if bnb else p_bytes / 4)
     # full fine-tuning: the params are the weights, already counted above
     params_part = 0.0 if full else trainable * p_bytes
+    if plan.reference_adapter and not full:
+        params_part *= 2                                              # + the frozen reference copy (no grads)
+        notes.append("DPO on peft_path: a frozen copy of the adapter is the reference (counted in params)")
     grads = trainable * g_bytes
     optimizer = trainable * opt_per_param
     step_extra_grad = trainable * 4.0 if ds and plan.zero_stage in (1, 2) else 0.0  # fp32 grad partition at step
