@@ -12,6 +12,7 @@ under `data_cache` (keyed by the inputs, written atomically), and the validation
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -200,17 +201,15 @@ def read_records(paths: list[str], fmt: str = "auto", columns: dict | None = Non
     for i, entry in enumerate(paths):
         where = f"dataset[{i}]: {entry}"
         files = resolve_entry(str(entry), where)
-        sources = [_iter_hub(files, where)] if isinstance(files, str) else [_open(p, fmt, text_field) for p in files]
+        # generators: a file is opened only when the records before it did not reach max_samples
+        sources = [_iter_hub(files, where)] if isinstance(files, str) else (_open(p, fmt, text_field) for p in files)
         count = 0
-        for source in sources:
-            for rec in source:
-                if max_samples is not None and count >= max_samples:
-                    break
-                if not isinstance(rec.data, dict):
-                    raise ZhtuneError(f"record is a JSON {type(rec.data).__name__}, not an object",
-                                      where=rec.source, expected="one JSON object per record")
-                count += 1
-                yield Record(rec.source, _rename(rec.data, columns) if columns else rec.data)
+        for rec in itertools.islice(itertools.chain.from_iterable(sources), max_samples):
+            if not isinstance(rec.data, dict):
+                raise ZhtuneError(f"record is a JSON {type(rec.data).__name__}, not an object",
+                                  where=rec.source, expected="one JSON object per record")
+            count += 1
+            yield Record(rec.source, _rename(rec.data, columns) if columns else rec.data)
         if count == 0:
             raise ZhtuneError(f"no records in {entry}", where=where, expected="a non-empty data file or folder")
 
