@@ -93,3 +93,35 @@ def test_unigram_is_refused(tmp_path, zh_corpus):
     (tmp_path / "u.model").write_bytes(buf.getvalue())
     with pytest.raises(ZhtuneError, match="BPE"):
         hf.write_hf_tokenizer(tmp_path / "u.model", tmp_path / "out")
+
+
+def _train(tmp_path, name, lines, **options):
+    import io
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
+                                   byte_fallback=True, minloglevel=2, num_threads=1, **options)
+    (tmp_path / name).write_bytes(buf.getvalue())
+    return tmp_path / name
+
+
+def test_nfkc_base_with_whitespace_cleanup(tmp_path, all_asset_lines, edge_lines):
+    """sentencepiece's default normaliser (nmt_nfkc, remove_extra_whitespaces) is reproduced too."""
+    lines = [line for line in all_asset_lines if line.strip()]
+    model = _train(tmp_path, "nfkc.model", lines, vocab_size=3000)
+    assert hf.read_sp_model(model).normalizer_spec.remove_extra_whitespaces
+    folder = hf.write_hf_tokenizer(model, tmp_path / "nfkc")
+    result = hf.compare_with_sp(folder, all_asset_lines + edge_lines + ["ﬁ ligature ①  ", "  x  y  "])
+    assert result["same_ids"] == result["lines"], result["first_difference"]
+
+
+def test_user_defined_pieces(tmp_path, en_corpus):
+    lines = en_corpus.read_text(encoding="utf-8").splitlines()
+    model = _train(tmp_path, "ud.model", lines, vocab_size=1000, normalization_rule_name="identity",
+                   remove_extra_whitespaces=False, user_defined_symbols=["<sep>", "[INST]"])
+    folder = hf.write_hf_tokenizer(model, tmp_path / "ud")
+    assert hf.compare_with_sp(folder, lines)["same_ids"] == len(lines)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    sep = sp.piece_to_id("<sep>")
+    assert sep in tok.encode("a<sep>b", add_special_tokens=False) and sep in sp.encode("a<sep>b")

@@ -122,6 +122,9 @@ def build_fast_tokenizer(proto):
     special = [AddedToken(p.piece, special=True, normalized=False)
                for p in proto.pieces if p.type in (UNKNOWN, CONTROL)]
     tok.add_special_tokens(special)
+    # User-defined pieces are matched in the text, as sentencepiece does. One difference remains:
+    # the text after any added token gets its own dummy prefix ▁ (the normaliser runs per section;
+    # sentencepiece adds it once). normalized=True would not help: the token itself gets the prefix.
     user = [AddedToken(p.piece, special=False, normalized=False) for p in proto.pieces if p.type == USER_DEFINED]
     if user:
         tok.add_tokens(user)
