@@ -190,3 +190,11 @@ def test_bad_preference_input_is_refused_with_its_line(tiny_model_dir, tmp_path)
     assert not (tmp_path / "o" / "run.yaml").exists()
     with pytest.raises(ZhtuneError, match="pref_loss"):
         load_config(TrainConfig, None, ["pref_loss=kto"], TRAIN_ALIASES)
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[2].glob("examples/**/dpo*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_dpo_recipes_load(recipe):
+    cfg = load_config(TrainConfig, recipe, [], TRAIN_ALIASES)
+    assert cfg.stage == "dpo" and cfg.output_dir
+    assert recipe.read_text(encoding="utf-8").startswith("# zhtune train examples/")
