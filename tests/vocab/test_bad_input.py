@@ -152,3 +152,16 @@ def test_stats_bad_inputs(tmp_path, capsys, base_tokenizer_dir, zh_heldout):
     empty = tmp_path / "folder"
     empty.mkdir()
     fails(capsys, tmp_path, "vocab", "stats", "--tokenizer", empty, "--text", zh_heldout, says=["folder"])
+
+
+def test_merge_base_not_bpe(tmp_path, capsys, zh_sp_model, zh_corpus):
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(zh_corpus.read_text(encoding="utf-8").splitlines()),
+                                   model_writer=buf, vocab_size=3000, model_type="unigram", minloglevel=2)
+    (tmp_path / "t5.model").write_bytes(buf.getvalue())
+    fails(capsys, tmp_path, "vocab", "merge", "--base", tmp_path / "t5.model", "--add", zh_sp_model,
+          "--output", tmp_path / "out", says=["t5.model", "--base", "BPE"])

@@ -298,6 +298,9 @@ def main(argv: list[str]) -> int:
     is_cjk = char_test(parse_ranges(args.cjk_ranges))
     base_path = resolve_base(args.base)
     base = read_sp_model(base_path, "base tokenizer")
+    if base.trainer_spec.model_type != 2:
+        raise ZhtuneError(f"the base {base_path} is a SentencePiece unigram/word/char model, not BPE", where="--base",
+                          expected="a BPE SentencePiece model like LLaMA's, LLaMA-2's or Mistral's tokenizer.model")
     adds = []
     for add in args.add:
         add_path = resolve_base(add, flag="--add")
