@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 
 from zhtune.args import make_parser
 from zhtune.config import TRAIN_ALIASES, TrainConfig, config_help, load_config
