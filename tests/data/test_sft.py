@@ -114,6 +114,13 @@ def test_val_file(tmp_path, tok, sft_qa):
     v = write_jsonl(tmp_path / "v.jsonl", [{"instruction": "q", "output": "a"}] * 3)
     b = build_sft_dataset(cfg(dataset=[str(sft_qa)], val_file=[str(v)]), tok, get_template("alpaca"))
     assert len(b.train) == 48 and len(b.eval) == 3
+    with pytest.raises(ZhtuneError, match=r"nope.jsonl \| where: val_file\[0\]"):
+        build_sft_dataset(cfg(dataset=[str(sft_qa)], val_file=[str(tmp_path / "nope.jsonl")]), tok,
+                          get_template("alpaca"))
+    empty = write_jsonl(tmp_path / "empty_answers.jsonl", [{"instruction": "q", "output": ""}])
+    with pytest.raises(ZhtuneError, match="every record was skipped") as err:
+        build_sft_dataset(cfg(dataset=[str(sft_qa)], val_file=[str(empty)]), tok, get_template("alpaca"))
+    assert err.value.where == "val_file"
     with pytest.raises(ZhtuneError, match="both val_file and val_size"):
         build_sft_dataset(cfg(dataset=[str(sft_qa)], val_file=[str(v)], val_size=0.1), tok, get_template("alpaca"))
 

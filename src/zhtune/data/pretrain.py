@@ -22,7 +22,7 @@ from zhtune.errors import ZhtuneError
 def load_documents(entries: list[str], cfg, skips: SkipCounter, where: str) -> tuple[list[str], int]:
     """Records -> document texts; blank documents are skipped and counted."""
     texts, n_read = [], 0
-    for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples):
+    for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples, key=where):
         fmt = detect_format(rec, cfg.format)
         if fmt != "text":
             raise ZhtuneError(f"a {fmt} record in pre-training data", where=rec.source,

@@ -189,17 +189,18 @@ def _rename(obj: Any, columns: dict[str, str]) -> Any:
 
 
 def read_records(paths: list[str], fmt: str = "auto", columns: dict | None = None, text_field: str = "text",
-                 max_samples: int | None = None) -> Iterator[Record]:
+                 max_samples: int | None = None, *, key: str = "dataset") -> Iterator[Record]:
     """Records from every entry in `paths` (at most `max_samples` per entry), columns renamed to ours.
 
     .txt files give one {text_field: line} record per line; `fmt` other than auto/text refuses them.
+    `key` is the config key the paths came from (dataset, val_file), for error messages.
     """
     if not paths:
-        raise ZhtuneError("no training data given", where="dataset",
+        raise ZhtuneError("no training data given", where=key,
                           expected="one or more files or folders, e.g. dataset=[data/train.jsonl]")
     columns = dict(columns or {})
     for i, entry in enumerate(paths):
-        where = f"dataset[{i}]: {entry}"
+        where = f"{key}[{i}]: {entry}"
         files = resolve_entry(str(entry), where)
         # generators: a file is opened only when the records before it did not reach max_samples
         sources = [_iter_hub(files, where)] if isinstance(files, str) else (_open(p, fmt, text_field) for p in files)

@@ -28,7 +28,7 @@ IGNORE = -100
 def load_conversations(entries: list[str], cfg, skips: SkipCounter, where: str = "dataset"):
     """Records -> (messages per sample, source per sample); structural problems raise, empty answers skip."""
     messages, sources, formats, n_read = [], [], {}, 0
-    for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples):
+    for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples, key=where):
         file = rec.source.rsplit(":", 1)[0] if ":" in rec.source else rec.source
         fmt = formats.get(file) or formats.setdefault(file, detect_format(rec, cfg.format))
         if fmt in ("text", "preference"):
