@@ -176,3 +176,23 @@ def test_check_text_is_checked_too(tmp_path, base_tokenizer_dir, zh_sp_model, cl
     assert with_extra["check_lines"] == default["check_lines"] + 3
     assert with_extra["non_chinese_unchanged"] == with_extra["non_chinese_lines"] == default["non_chinese_lines"] + 2
     assert with_extra["fast_equals_sentencepiece"] == with_extra["check_lines"]
+
+
+def test_base_with_llama_like_huge_negative_score(tmp_path, base_sp_model, zh_sp_model, cli_run, all_asset_lines,
+                                                  edge_lines, english_and_code):
+    """LLaMA's tokenizer gives "▁▁" the score -1e9, where float32 steps are 64 apart: new scores must stay distinct."""
+    base = proto(base_sp_model)
+    for p in base.pieces:
+        if p.piece == "▁▁":
+            p.score = -1e9
+    (tmp_path / "llama_like.model").write_bytes(base.SerializeToString())
+    out = tmp_path / "m"
+    assert cli_run("vocab", "merge", "--base", tmp_path / "llama_like.model", "--add", zh_sp_model,
+                   "--output", out) == 0
+    merged = proto(out / HF / "tokenizer.model")
+    added = [p.score for p in merged.pieces[len(base.pieces):]]
+    assert max(added) < -1e9 and len(set(added)) == len(added)
+    result = hf.compare_with_sp(out / HF, all_asset_lines + edge_lines + english_and_code)
+    assert result["same_ids"] == result["lines"], result["first_difference"]
+    base_sp, merged_sp = sp(tmp_path / "llama_like.model"), sp(out / HF / "tokenizer.model")
+    assert all(base_sp.encode(line) == merged_sp.encode(line) for line in english_and_code)
