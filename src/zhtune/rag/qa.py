@@ -184,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stuff: all retrieved chunks in one prompt; "
                              "refine: one chunk per call, improving the answer")
     parser.add_argument("--top-k", type=int, default=4, help="chunks to retrieve per question")
-    parser.add_argument("--retrieval", choices=["hybrid", "dense", "bm25"], default="hybrid",
-                        help="dense: embedding cosine; bm25: shared words (character bigrams); "
-                             "hybrid: both, fused by reciprocal rank")
+    parser.add_argument("--retrieval", choices=["auto", "hybrid", "dense", "bm25"], default="auto",
+                        help="dense: embedding cosine; bm25: shared words (character bigrams); hybrid: both, "
+                             "fused by reciprocal rank; auto: hybrid with your --embedding, bm25 with the "
+                             "bundled English-centric MiniLM (it ranks Chinese barely above chance)")
     parser.add_argument("--json", action="store_true", help="print the answer and sources as one JSON object")
     add_llm_args(parser)
     return parser
@@ -238,6 +239,10 @@ def main(argv: list[str]) -> int:
     from zhtune.rag.index import load_embeddings, open_index
 
     emb = load_embeddings(args.embedding, device=args.embedding_device)
+    if args.retrieval == "auto":  # measured in docs/benchmarks.md: MiniLM's dense ranking drags hybrid down
+        args.retrieval = "hybrid" if args.embedding else "bm25"
+        why = "your --embedding" if args.embedding else "no --embedding: the bundled MiniLM is English-centric"
+        print(f"检索 retrieval: {args.retrieval} (auto, {why})", file=sys.stderr)
     index = open_index(args.docs, emb, args.index, args.chunk_size, args.chunk_overlap)
     llm, budget = open_llm(args, sample=QA_SYSTEM + "".join(c.page_content for c in index.chunks[:3]))
     stream_to = None if args.json else sys.stdout
