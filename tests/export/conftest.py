@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def _append_pieces(base_sp: Path, lines: list[str], out: Path, n: int) -> Path:
     for line in lines:
         chars = [c for c in line if "\u4e00" <= c <= "\u9fff"]
         counts.update(chars)
-        counts.update(a + b for a, b in zip(line, line[1:]) if "\u4e00" <= a <= "\u9fff" and "\u4e00" <= b <= "\u9fff")
+        counts.update(a + b for a, b in itertools.pairwise(line) if "\u4e00" <= a <= "\u9fff" and "\u4e00" <= b <= "\u9fff")
     # characters first so every bigram's halves exist; bigrams merge later (lower scores)
     chars = [c for c, _ in counts.most_common() if len(c) == 1 and c not in have][: n // 2]
     pairs = [p for p, _ in counts.most_common() if len(p) == 2 and p not in have and all(c in chars for c in p)]

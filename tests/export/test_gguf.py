@@ -3,13 +3,11 @@ transformers, and its logits match (f32/f16) or agree on the top token (quantise
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from zhtune.errors import ZhtuneError
 from zhtune.export import gguf as G
-from zhtune.export.parity import PROMPTS, llama_cpp_logits, verify_gguf
+from zhtune.export.parity import llama_cpp_logits, verify_gguf
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +37,7 @@ def test_f16_export_keeps_chinese_vocab_and_template(f16_gguf, merged_dir):
     assert 'PARAMETER stop "### Instruction:"' in modelfile and "SYSTEM" in modelfile
 
 
-@pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_k_m"])
+@pytest.mark.parametrize("quant", ["f32", "bf16", "q8_0", "q4_k_m"])
 def test_quantised_exports_verify(tmp_path, merged_dir, quant):
     logs = []
     out = G.export_gguf(merged_dir, tmp_path / f"m.{quant}.gguf", quant, verify=True, log=logs.append)

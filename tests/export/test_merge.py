@@ -177,3 +177,21 @@ def test_refusals(tmp_path, tiny_model_dir, pt_adapter, sft_adapter, tokens_adap
     from zhtune.cli import main
 
     assert main(["merge", "--base", str(tiny_model_dir), "--lora", str(broken), "--output", str(tmp_path / "o")]) == 2
+
+
+def test_lora_on_embeddings(tmp_path, tiny_model_dir, base_tokenizer_dir):
+    """LoRA on embed_tokens (lora_embedding_A/B, base_layer saved) merges like peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "o_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft.save_pretrained(str(tmp_path / "emb"))
+    out = M.merge(tiny_model_dir, [tmp_path / "emb"], tmp_path / "m", log=lambda *_: None)
+    assert verify_merge(tiny_model_dir, [tmp_path / "emb"], out, log=lambda *_: None).max_abs_diff <= 1e-4
+    assert not torch.equal(_tensors(out)["model.embed_tokens.weight"],
+                           _tensors(tiny_model_dir)["model.embed_tokens.weight"])

@@ -19,9 +19,10 @@ import shutil
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from zhtune.errors import ZhtuneError
 
@@ -74,11 +75,11 @@ class TensorSpec:
 class WeightReader:
     """The tensors of an HF model folder (model.safetensors[.index.json] or pytorch_model*.bin), one at a time."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, files: list[Path] | None = None):
         self.dir = Path(model_dir)
         self._where: dict[str, tuple[Path, Any]] = {}   # name -> (file, header entry | None)
         self._cache: tuple[Path | None, dict] = (None, {})
-        files = self._files()
+        files = files or self._files()
         for f in files:
             if f.suffix == ".safetensors":
                 header, start = read_safetensors_header(f)
@@ -192,6 +193,13 @@ def _u8():
 
 
 # ---- adapters ----------------------------------------------------------------------------------
+@dataclass
+class Lazy:
+    """A tensor of the adapter file read only when the merge reaches it (embeddings can be huge)."""
+    shape: tuple[int, ...]
+    load: Callable[[], Any]   # -> a fresh tensor the caller may modify
+
+
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
@@ -203,16 +211,17 @@ class Adapter:
     path: Path
     config: dict
     lora: dict[str, tuple[Any, Any, float, bool]] = field(default_factory=dict)  # param -> (A, B, scale, is_embedding)
-    full: dict[str, Any] = field(default_factory=dict)     # param -> whole new tensor (modules_to_save)
+    full: dict[str, Lazy] = field(default_factory=dict)    # param -> whole new tensor (modules_to_save)
     tokens: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # param -> (row ids, new rows)
     tokenizer_size: int | None = None   # len(tokenizer) of the tokenizer in the folder, if any
     template: str | None = None          # training template name (run.yaml)
     run: dict = field(default_factory=dict)
 
     def vocab_rows(self, current: int) -> int | None:
-        """Rows of the vocabulary this adapter carries: full embeddings, or trainable rows past `current`."""
+        """Rows of the vocabulary this adapter changes to: full embeddings of another size than
+        `current`, or trainable rows past it (None: the vocabulary stays as it is)."""
         if EMBED in self.full:
-            return self.full[EMBED].shape[0]
+            return self.full[EMBED].shape[0] if self.full[EMBED].shape[0] != current else None
         if EMBED in self.tokens and int(self.tokens[EMBED][0].max()) + 1 > current:
             return int(self.tokens[EMBED][0].max()) + 1
         return None
@@ -268,11 +277,21 @@ def load_adapter(path: str | Path) -> Adapter:
                           expected="adapter_model.safetensors (or adapter_model.bin) beside adapter_config.json")
     run = _run_yaml(path)
     ad = Adapter(path=path, config=config, run=run, template=(run.get("config") or {}).get("template"))
-    state = load_state_dict(weights)
+    if weights.suffix == ".safetensors":  # headers now, tensors on demand
+        file = WeightReader(path, [weights])
+        keys, shape_of, get = file.names(), file.shape, file.get
+    else:
+        state = load_state_dict(weights)
+        keys, shape_of = list(state), (lambda k: tuple(state[k].shape))
+
+        def get(key):
+            return state[key].clone()
     pairs: dict[str, dict[str, Any]] = {}
-    trained: dict[str, Any] = {}
-    for key, t in state.items():
+    trained: dict[str, Lazy] = {}
+    for key in keys:
         name = key.removeprefix("base_model.model.")
+        lazy = Lazy(shape_of(key), lambda key=key: get(key))
+        t = None if name.endswith(".weight") and "lora_" not in name else get(key)  # LoRA/tokens: small, load now
         if m := re.match(r"(.+)\.lora_(A|B)(\.[^.]+)?\.weight$", name) or \
                 re.match(r"(.+)\.lora_embedding_(A|B)(\.[^.]+)?$", name):
             pairs.setdefault(m.group(1), {})[m.group(2)] = t
@@ -283,11 +302,11 @@ def load_adapter(path: str | Path) -> Adapter:
         elif name.endswith(".original_module.weight"):
             continue  # the untrained copy peft keeps beside a modules_to_save module
         elif name.endswith(".modules_to_save.weight"):  # the trained copy (wins over a plain duplicate)
-            trained[name.removesuffix(".modules_to_save.weight") + ".weight"] = t
+            trained[name.removesuffix(".modules_to_save.weight") + ".weight"] = lazy
         elif name.endswith(".base_layer.weight"):
-            ad.full[name.removesuffix(".base_layer.weight") + ".weight"] = t
+            ad.full[name.removesuffix(".base_layer.weight") + ".weight"] = lazy
         elif name.endswith(".weight") and "lora_" not in name:
-            ad.full[name] = t
+            ad.full[name] = lazy
         else:
             raise ZhtuneError(f"adapter tensor {key!r} cannot be merged", where=str(weights),
                               expected="LoRA A/B, modules_to_save weights or trainable-token rows")
@@ -390,7 +409,7 @@ def _check_lora_shapes(ad: Adapter, reader: WeightReader, rows: int, where: str)
     for param, (a, b, _, emb) in ad.lora.items():
         if param not in names:
             raise ZhtuneError(f"adapter targets {param.removesuffix('.weight')}, which the base does not have",
-                              where=where, expected=f"modules of the base, e.g. {sorted(names)[0]}",
+                              where=where, expected=f"modules of the base, e.g. {min(names)}",
                               hint="was it trained on another model (layer count / module names)?")
         out_f, in_f = reader.shape(param)
         if emb:
@@ -412,28 +431,40 @@ def _check_lora_shapes(ad: Adapter, reader: WeightReader, rows: int, where: str)
                               where=where, expected="an adapter trained on this base (same hidden size)")
 
 
-def merge_tensor(name: str, w, adapters: list[Adapter], rows_after: list[int]):
-    """Apply the adapters, in order, to one base tensor (in fp32); returns the fp32 result."""
+def merge_tensor(name: str, load_base: Callable[[], Any], adapters: list[Adapter], rows_after: list[int]):
+    """Apply the adapters, in order, to one base tensor, in fp32, in place; returns the fp32 result.
+
+    A tensor an adapter saves whole (modules_to_save) starts from that adapter's copy: the base and
+    earlier adapters are not even read for it.
+    """
     import torch
 
-    w = w.float()
-    for ad, rows in zip(adapters, rows_after):
-        if name in ad.full:
-            w = ad.full[name].float().clone()
+    start = max((k for k, ad in enumerate(adapters) if name in ad.full), default=None)
+    if start is None:
+        w = load_base().float()
+    else:
+        w = adapters[start].full[name].load().float()
+    for k, (ad, rows) in enumerate(zip(adapters, rows_after)):
+        if start is not None and k < start:
+            continue
         if name in ad.tokens:
             idx, new_rows = ad.tokens[name]
             if name in (EMBED, HEAD) and rows > w.shape[0]:
                 w = torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])])
             w.index_copy_(0, idx, new_rows.float())
         if name in ad.lora:
-            a, b, scale, emb = ad.lora[name]
-            delta = (b.float() @ a.float()) * scale      # [out, in]; embeddings: [dim, vocab]
-            if emb:
-                delta = delta.T
-            elif ad.config.get("fan_in_fan_out"):
-                delta = delta.T
-            w += delta
+            _add_lora(w, *ad.lora[name], transpose=bool(ad.config.get("fan_in_fan_out")))
     return w
+
+
+def _add_lora(w, a, b, scale: float, emb: bool, transpose: bool, chunk: int = 4096) -> None:
+    """w += scale * B @ A (embeddings: its transpose), a few thousand rows at a time so the
+    full-size delta never exists; the arithmetic per element is peft's own (B @ A, then * scale)."""
+    a, b = a.float(), b.float()
+    if emb or transpose:            # delta = (B @ A).T = A.T @ B.T: rows of w come from A's columns
+        a, b = b.T, a.T
+    for i in range(0, w.shape[0], chunk):
+        w[i:i + chunk] += (b[i:i + chunk] @ a) * scale
 
 
 # ---- the command -------------------------------------------------------------------------------
@@ -511,7 +542,7 @@ def merge(base: str | Path | None, loras: list[str | Path], output: str | Path, 
     done = [0]
 
     def make(spec: TensorSpec):
-        w = merge_tensor(spec.name, reader.get(spec.name), adapters, plan.rows_after).to(spec.dtype)
+        w = merge_tensor(spec.name, lambda: reader.get(spec.name), adapters, plan.rows_after).to(spec.dtype)
         done[0] += 1
         if done[0] % 50 == 0 or done[0] == len(plan.specs):
             print(f"\r  {done[0]}/{len(plan.specs)} tensors", end="\n" if done[0] == len(plan.specs) else "",
