@@ -120,6 +120,27 @@ def transformers_llama_folder(sp_model: Path, folder: Path) -> Path:
     return folder
 
 
+def print_tables(rows: list[tuple], zh_held: list[str]) -> None:
+    """The compression / preservation table, markdown, ratios against the SP model alone."""
+    from zhtune.vocab.merge import HAN
+
+    alone = rows[1][1]["tokens_per_cjk_char"]
+    print(f"\nheld-out Chinese: {len(zh_held)} lines, {sum(sum(map(HAN, line)) for line in zh_held)} Han characters\n")
+    print("| tokenizer | vocab | tokens / CJK char | vs SP alone | English prose lines = base | "
+          "code lines = base | fast == sentencepiece (Chinese / code) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+    def share(x):
+        return "-" if x is None else f"{x:.2%}"
+
+    for label, rz, rc, rp in rows:
+        fast = (f"{share(rz['fast_equals_sentencepiece'])} / {share(rc['fast_equals_sentencepiece'])}"
+                if "fast_equals_sentencepiece" in rz else "-")
+        print(f"| {label} | {rz['vocab_size']} | {rz['tokens_per_cjk_char']:.3f} | "
+              f"{rz['tokens_per_cjk_char'] / alone:.3f} | {share(rp['non_cjk_identical_to_first'])} | "
+              f"{share(rc['non_cjk_identical_to_first'])} | {fast} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/zhtune-vocab-bench")
@@ -129,9 +150,9 @@ def main() -> int:
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    from zhtune.tiny import asset
     from zhtune.vocab.merge import HAN
     from zhtune.vocab.stats import load_tokenizer, measure
-    from zhtune.tiny import asset
 
     zh = chinese_lines()
     zh_train = [line for line in zh if not held_out(line)]
@@ -168,21 +189,7 @@ def main() -> int:
         row_prose, ids_prose = measure(tok, prose, ref_prose)
         ref_code, ref_prose = ref_code or ids_code, ref_prose or ids_prose
         rows.append((label, row_zh, row_code, row_prose))
-    alone = rows[1][1]["tokens_per_cjk_char"]
-    print(f"\nheld-out Chinese: {len(zh_held)} lines, {sum(sum(map(HAN, l)) for l in zh_held)} Han characters\n")
-    print("| tokenizer | vocab | tokens / CJK char | vs SP alone | English prose lines = base | "
-          "code lines = base | fast == sentencepiece (Chinese / code) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-
-    def share(x):
-        return "-" if x is None else f"{x:.2%}"
-
-    for label, rz, rc, rp in rows:
-        fast = (f"{share(rz['fast_equals_sentencepiece'])} / {share(rc['fast_equals_sentencepiece'])}"
-                if "fast_equals_sentencepiece" in rz else "-")
-        print(f"| {label} | {rz['vocab_size']} | {rz['tokens_per_cjk_char']:.3f} | "
-              f"{rz['tokens_per_cjk_char'] / alone:.3f} | {share(rp['non_cjk_identical_to_first'])} | "
-              f"{share(rc['non_cjk_identical_to_first'])} | {fast} |")
+    print_tables(rows, zh_held)
     print("\n| step | seconds |\n| --- | ---: |")
     for step, seconds in times.items():
         note = " (cached)" if seconds != seconds else ""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sentencepiece as spm
 import pytest
+import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from zhtune.errors import ZhtuneError

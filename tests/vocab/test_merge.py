@@ -9,7 +9,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from zhtune.vocab import hf
-from zhtune.vocab.merge import base_sp_model_for, han_count, _score_ladder
+from zhtune.vocab.merge import _score_ladder, base_sp_model_for, han_count
 
 HF = "merged_tokenizer_hf"
 

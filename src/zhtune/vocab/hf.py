@@ -22,7 +22,6 @@ build tokenizer.json ourselves:
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -203,8 +202,8 @@ def compare_with_sp(tokenizer_dir: str | Path, lines: Iterable[str], sp_model: s
             same += 1
         elif first is None:
             at = next((i for i, (a, b) in enumerate(zip(ids_sp, ids_hf)) if a != b), min(len(ids_sp), len(ids_hf)))
-            first = {"line": n, "text": line[:80], "token": at,
-                     "sentencepiece": sp.id_to_piece(ids_sp[at:at + 6]), "hf": hf.convert_ids_to_tokens(ids_hf[at:at + 6])}
+            first = {"line": n, "text": line[:80], "token": at, "sentencepiece": sp.id_to_piece(ids_sp[at:at + 6]),
+                     "hf": hf.convert_ids_to_tokens(ids_hf[at:at + 6])}
         roundtrip += hf.decode(ids_hf) == line
     return {"lines": n, "same_ids": same, "roundtrip": roundtrip, "first_difference": first}
 

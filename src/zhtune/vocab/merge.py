@@ -26,7 +26,7 @@ import numpy as np
 from zhtune.args import make_parser
 from zhtune.errors import ZhtuneError
 from zhtune.io import atomic_output_dir, atomic_write_bytes, atomic_write_json, write_run_yaml
-from zhtune.vocab.hf import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, read_sp_model, write_hf_tokenizer
+from zhtune.vocab.hf import NORMAL, USER_DEFINED, read_sp_model, write_hf_tokenizer
 
 # Characters a `preserve` merge may add pieces for (ideographs, CJK punctuation, full-width forms).
 DEFAULT_CJK_RANGES = "2E80-2FDF,3000-303F,31C0-31EF,3400-4DBF,4E00-9FFF,F900-FAFF,FE30-FE4F,FF00-FFEF,20000-323AF"
@@ -35,7 +35,8 @@ HAN_RANGES = "3007-3007,3400-4DBF,4E00-9FFF,F900-FAFF,20000-323AF"
 MODES = ("preserve", "all-pieces", "chars")
 INFO_FILE = "zhtune_vocab.json"
 BASE_COPY = "base_tokenizer.model"
-_RANGES_RE = re.compile(r"^\s*[0-9A-Fa-f]{2,6}(\s*-\s*[0-9A-Fa-f]{2,6})?(\s*,\s*[0-9A-Fa-f]{2,6}(\s*-\s*[0-9A-Fa-f]{2,6})?)*\s*$")
+_RANGE = r"\s*[0-9A-Fa-f]{2,6}(\s*-\s*[0-9A-Fa-f]{2,6})?\s*"
+_RANGES_RE = re.compile(rf"^{_RANGE}(,{_RANGE})*$")
 
 
 def parse_ranges(text: str, flag: str = "--cjk-ranges") -> list[tuple[int, int]]:
