@@ -80,6 +80,31 @@ def test_unreadable_files_are_named(tmp_path, content, message):
     assert message in info.value.what and info.value.where == str(bad)
 
 
+def _pdf(text: str) -> bytes:
+    """A one-page PDF 1.4 file showing `text` in Helvetica (written by hand: no PDF writer needed)."""
+    content = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+            b"/Resources << /Font << /F1 5 0 R >> >> >>",
+            b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream",
+            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, obj in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + obj + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    return bytes(out)
+
+
+def test_pdf_text_is_loaded(tmp_path):
+    pytest.importorskip("pypdf")
+    (tmp_path / "manual.pdf").write_bytes(_pdf("The X3 robot runs for 150 minutes."))
+    docs = load_documents([tmp_path])  # folders pick up .pdf too
+    assert [d.page_content.strip() for d in docs] == ["The X3 robot runs for 150 minutes."]
+
+
 def test_damaged_pdf_is_named(tmp_path):
     pytest.importorskip("pypdf")
     pdf = tmp_path / "broken.pdf"

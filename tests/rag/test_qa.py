@@ -43,7 +43,9 @@ def _qa(asset_index, model, *extra) -> list[str]:
 def test_qa_stuff_cites_sources(asset_index, tiny_model_dir, capsys):
     code = cli(_qa(asset_index, tiny_model_dir, "--question", "云溪镇的望云桥建于哪一年？", "--json"))
     assert code == 0
-    result = _json_out(capsys)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert "retrieval: bm25 (auto" in captured.err  # no --embedding: the English-centric default -> bm25
     assert result["chain"] == "stuff" and isinstance(result["answer"], str)
     assert result["retrieved"] == 4 and 1 <= len(result["sources"]) <= 4
     for n, s in enumerate(result["sources"], start=1):
