@@ -108,7 +108,7 @@ def main() -> None:
     emb = load_embeddings(args.embedding, device="cpu")
     print(f"embedding: {emb.path}", file=sys.stderr)
     rows = quality(emb, args.chunk_size, args.chunk_overlap)
-    print(f"\n| question set | method | chunks | hit@1 | hit@4 | query ms (median) |\n|---|---|---|---|---|---|")
+    print("\n| question set | method | chunks | hit@1 | hit@4 | query ms (median) |\n|---|---|---|---|---|---|")
     for name, method, n, r in rows:
         print(f"| {name} | {method} | {n} | {r['hit@1']:.2f} | {r['hit@4']:.2f} | {r['ms']:.1f} |")
     cost = index_cost(emb, args.chunk_size, args.chunk_overlap)
