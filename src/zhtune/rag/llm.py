@@ -103,6 +103,11 @@ def add_llm_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backend", choices=["hf", "llamacpp", "vllm"], default=None,
                        help="engine backend (default: from the model path)")
     group.add_argument("--template", default=None, help="chat template name (default: what training recorded)")
+    group.add_argument("--dtype", default="auto", help="hf: auto | fp32 | bf16 | fp16")
+    group.add_argument("--load-in-8bit", action="store_true", help="hf: 8-bit weights (bitsandbytes)")
+    group.add_argument("--load-in-4bit", action="store_true", help="hf: 4-bit nf4 weights (bitsandbytes)")
+    group.add_argument("--num-gpus", type=int, default=None, help="hf/vllm: GPUs to spread the model over")
+    group.add_argument("--threads", type=int, default=None, help="llamacpp: CPU threads")
     group.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"),
                        help="API key for --api-base (default: $OPENAI_API_KEY)")
     group.add_argument("--model-name", default=None, help="model name on the server (default: its first model)")
@@ -127,11 +132,12 @@ def _check_budget(budget: Budget) -> Budget:
 
 
 def open_engine_llm(args: argparse.Namespace) -> tuple[EngineChat, Budget]:
-    from zhtune.infer.engine import GenParams, load_engine
+    from zhtune.infer.chat import engine_from_args  # the same backend options as `zhtune chat`
+    from zhtune.infer.engine import GenParams
 
     params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
-    engine = load_engine(args.model, loras=args.lora, backend=args.backend, template=args.template)
+    engine = engine_from_args(args)
     context = args.context_length or engine.max_model_len
     if not context:
         engine.close()
