@@ -76,7 +76,8 @@ def resolve_base(path: str | Path, flag: str = "--base") -> Path:
                           expected="an HF tokenizer folder with tokenizer.model, or a tokenizer.model file")
     if path.is_file():
         return path
-    for name in ("tokenizer.model", "zh_sp.model"):
+    # an HF folder, a `vocab train` output, or a `vocab merge` output (its HF folder)
+    for name in ("tokenizer.model", "zh_sp.model", "merged_tokenizer_hf/tokenizer.model"):
         if (path / name).is_file():
             return path / name
     models = sorted(path.glob("*.model"))

@@ -66,6 +66,8 @@ def load_tokenizer(path: str | Path) -> Loaded:
     if not path.exists():
         raise ZhtuneError(f"tokenizer not found: {path}", where="--tokenizer",
                           expected="an HF tokenizer folder or a SentencePiece .model file")
+    if (path / "merged_tokenizer_hf").is_dir():  # a `vocab merge` output folder
+        path = path / "merged_tokenizer_hf"
     if path.is_dir() and not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
         models = sorted(path.glob("*.model"))
         if len(models) != 1:
