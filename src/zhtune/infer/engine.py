@@ -135,6 +135,36 @@ class StopFilter:
         return text
 
 
+class RequestStream:
+    """The iterator a worker-thread backend's `stream` returns: deltas from `req.out` (a queue);
+    close() or dropping it sets `req.cancelled`, which the worker checks every step."""
+
+    def __init__(self, req):
+        self._req = req
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Delta:
+        if self._done:
+            raise StopIteration
+        item = self._req.out.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finish_reason:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        self._req.cancelled = True
+        self._done = True
+
+    def __del__(self):
+        self._req.cancelled = True
+
+
 class Engine:
     """What every backend provides. Backends live in hf.py, llamacpp.py, vllm.py."""
 

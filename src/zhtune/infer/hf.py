@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, StopFilter
+from zhtune.infer.engine import (Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, RequestStream,
+                                 StopFilter)
 
 HOLD_LIMIT = 6   # a UTF-8 character is at most 4 byte tokens: release text held longer than this
 
@@ -181,35 +182,6 @@ class _Request:
     stop_filter: StopFilter | None = None
 
 
-class _Stream:
-    """The iterator `stream` returns: deltas from the worker; close() or dropping it cancels."""
-
-    def __init__(self, req: _Request):
-        self._req = req
-        self._done = False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Delta:
-        if self._done:
-            raise StopIteration
-        item = self._req.out.get()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if item.finish_reason:
-            self._done = True
-        return item
-
-    def close(self) -> None:
-        self._req.cancelled = True
-        self._done = True
-
-    def __del__(self):
-        self._req.cancelled = True
-
-
 # --- the engine ------------------------------------------------------------------------------
 
 class HFEngine(Engine):
@@ -283,7 +255,7 @@ class HFEngine(Engine):
         req = _Request(ids, params, [*params.stop, *(s for s in self.template.stop
                                                      if s not in self.tokenizer.get_vocab())])
         self._queue.put(req)
-        return _Stream(req)
+        return RequestStream(req)
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         torch = self._torch

@@ -1,23 +1,30 @@
 """llama.cpp backend: a GGUF file through llama-cpp-python, prompts from our template registry.
 Used through zhtune.infer.engine.load_engine("model.q4_k_m.gguf") (picked by the .gguf suffix).
 
-llama-cpp-python's `Llama` object decodes one sequence at a time and is not thread-safe, so streams
-take turns on a lock (a second one waits until the first finishes or is closed). Its KV cache keeps
-the previous prompt, so the next turn of a chat only evaluates the new tokens.
+llama-cpp-python's high-level `Llama` decodes one sequence at a time and is not thread-safe, so we
+use it only for the model, vocabulary and metadata, and decode with the low-level API: one worker
+thread owns a llama_context with `n_parallel` sequence slots (a unified KV cache) and puts every
+running request in one llama_batch per step (each token tagged with its slot's sequence id).
+A slot keeps its tokens' KV after a request ends; the next request takes the free slot sharing the
+longest prefix with its prompt, so a chat's next turn only evaluates the new tokens.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
+import queue
 import random
+import sys
 import threading
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from zhtune.data.templates import TEMPLATES, get_template
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import (Delta, Engine, GenParams, Prompt, PromptTooLong, StopFilter,
-                                 match_chat_template)
+from zhtune.infer.engine import (Delta, Engine, GenParams, Prompt, PromptTooLong, RequestStream,
+                                 StopFilter, match_chat_template)
 from zhtune.io import read_run_yaml
 
 ATTR_SPECIAL = (1 << 3) | (1 << 4)   # llama_token_attr CONTROL | USER_DEFINED
@@ -55,10 +62,13 @@ class LlamaCppEngine(Engine):
     backend = "llamacpp"
 
     def __init__(self, model: str | Path, loras=(), template: str | None = None, n_ctx: int = 0,
-                 n_threads: int | None = None, n_batch: int = 512, **unknown):
+                 n_threads: int | None = None, n_batch: int = 512, n_parallel: int = 8, **unknown):
+        """n_ctx: context per sequence (0: the model's); n_parallel: sequences decoded together."""
         if unknown:
             raise ZhtuneError(f"unknown option(s) for the llamacpp backend: {', '.join(unknown)}",
-                              where="options", expected="n_ctx, n_threads, n_batch")
+                              where="options", expected="n_ctx, n_threads, n_batch, n_parallel")
+        if not 1 <= int(n_parallel) <= 256:
+            raise ZhtuneError(f"n_parallel={n_parallel} is out of range", where="n_parallel", expected="1..256")
         if loras:
             raise ZhtuneError("the llamacpp backend runs one merged GGUF; LoRA folders are not applied",
                               where="--lora", expected="no --lora with a .gguf model",
@@ -71,15 +81,18 @@ class LlamaCppEngine(Engine):
         self.path = _check_gguf(model)
         self._threads = n_threads or min(8, os.cpu_count() or 1)
         self._kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=self._threads, verbose=False)
-        try:
-            self.llm = Llama(str(self.path), **self._kwargs)
+        try:   # this context is only used for embeddings' settings; decoding has its own (_open_context)
+            self.llm = Llama(str(self.path), **{**self._kwargs, "n_ctx": 64})
         except (ValueError, RuntimeError) as exc:
             raise ZhtuneError(f"llama.cpp cannot load {self.path}: {exc}", where="--model",
                               expected="a GGUF of a LLaMA-family model") from None
         self._embedder = None
         self.template = _pick_template(template, self.path, self.llm.metadata)
         self.model_name = self.path.stem
-        self.max_model_len = self.llm.n_ctx()
+        import llama_cpp
+
+        train_ctx = llama_cpp.llama_model_n_ctx_train(self.llm._model.model)
+        self.max_model_len = int(n_ctx or train_ctx)
         model = self.llm._model
         self.bos_token = model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
         self.eos_token = model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
@@ -92,8 +105,34 @@ class LlamaCppEngine(Engine):
             else:
                 self.text_stops.append(s)
         self.vocab_size = self.llm.n_vocab()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()      # embed() and close()
         self._closed = False
+        self.n_parallel = int(n_parallel)
+        self.n_batch = max(int(n_batch), self.n_parallel)
+        self.ctx = self._open_context()
+        self.active = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker = threading.Thread(target=_worker_main, args=(weakref.ref(self), self._queue),
+                                        name="zhtune-llamacpp-decode", daemon=True)
+        self._worker.start()
+
+    def _open_context(self):
+        """A llama_context with n_parallel sequences sharing one KV cache of n_parallel * context."""
+        import llama_cpp
+        from llama_cpp import _internals
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.max_model_len * self.n_parallel
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = self.n_parallel
+        params.n_threads = params.n_threads_batch = self._threads
+        params.kv_unified = True
+        params.no_perf = True
+        try:
+            return _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+        except ValueError as exc:
+            raise ZhtuneError(f"llama.cpp cannot make a context of {params.n_ctx} tokens: {exc}",
+                              where="n_ctx / n_parallel", hint="lower --n-parallel or n_ctx") from None
 
     # --- public API ------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
@@ -117,45 +156,10 @@ class LlamaCppEngine(Engine):
         ids = self.tokenize_prompt(prompt)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(len(ids), params.max_new_tokens, self.max_model_len)
-        return self._run(ids, params)
-
-    def _run(self, ids: list[int], params: GenParams):
-        """Generator: holds the lock from the first next() until the last token (or close())."""
-        prompt_len, context = len(ids), ids[-8:]   # context: detokenize keeps a leading space right
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character
-        stops = StopFilter([*params.stop, *self.text_stops])
-        ends = self.stop_ids | set(params.stop_token_ids)
-        n, reason, tail, hit = 0, "length", "", False
-        with self._lock:
-            self.llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-            tokens = self.llm.generate(
-                ids, top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=params.temperature,
-                repeat_penalty=params.repetition_penalty, frequency_penalty=params.frequency_penalty,
-                presence_penalty=params.presence_penalty)
-            try:
-                for token in tokens:
-                    n += 1
-                    if token in ends:
-                        reason = "stop"
-                        break
-                    piece = self.llm.detokenize([token], prev_tokens=context)
-                    context = context[-7:] + [token]
-                    emit, hit = stops.feed(utf8.decode(piece))
-                    if hit:
-                        tail, reason = emit, "stop"
-                        break
-                    if n >= params.max_new_tokens or prompt_len + n >= self.max_model_len:
-                        tail = emit
-                        break
-                    if emit:
-                        yield Delta(emit)
-            finally:
-                tokens.close()
-        if not hit:   # release what was held back: an incomplete character, a stop-string prefix
-            rest, hit = stops.feed(utf8.decode(b"", final=True))
-            tail += rest + ("" if hit else stops.flush())
-            reason = "stop" if hit else reason
-        yield Delta(tail, reason, prompt_len, n)
+        req = _Req(ids, params, StopFilter([*params.stop, *self.text_stops]),
+                   self.stop_ids | set(params.stop_token_ids))
+        self._queue.put(req)
+        return RequestStream(req)
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
@@ -167,8 +171,221 @@ class LlamaCppEngine(Engine):
             return [list(v) for v in self._embedder.embed(list(texts), normalize=True)]
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        self._queue.put(None)
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout=30)
         with self._lock:
+            self.ctx.close()
             for llm in (self.llm, self._embedder):
                 if llm is not None:
                     llm.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._queue.put(None)
+
+
+# --- the decode worker -----------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Req:
+    ids: list[int]                   # prompt token ids
+    params: GenParams
+    stops: StopFilter
+    ends: set[int]                   # token ids that end the answer
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
+    pending: list[int] = field(default_factory=list)   # prompt tokens not yet in the KV cache
+    n: int = 0                       # tokens generated
+    sampler: object = None
+    utf8: object = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    context: list[int] = field(default_factory=list)   # last tokens, so detokenize keeps leading spaces
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq: int                         # llama.cpp sequence id
+    tokens: list[int] = field(default_factory=list)    # what this sequence holds in the KV cache
+    req: _Req | None = None
+    next: int | None = None          # sampled, to be fed in the next batch
+
+
+def _worker_main(engine_ref, requests: queue.SimpleQueue) -> None:
+    decoder = None
+    while True:
+        first = requests.get()
+        engine = engine_ref()
+        if first is None or engine is None or engine._closed:
+            _fail(requests, first)
+            break
+        decoder = decoder or _Decoder(engine)
+        try:
+            decoder.run(first, requests)
+        except BaseException as exc:  # never leave a caller waiting forever
+            print(f"zhtune llamacpp worker error: {exc!r}", file=sys.stderr)
+        if engine._closed:
+            _fail(requests, None)
+            break
+        del engine
+    if decoder is not None:
+        decoder.batch.close()
+
+
+def _fail(requests: queue.SimpleQueue, first) -> None:
+    items = [first]
+    while True:
+        try:
+            items.append(requests.get_nowait())
+        except queue.Empty:
+            break
+    for r in items:
+        if r is not None:
+            r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
+
+
+class _Decoder:
+    """Slots (sequence ids) that persist across requests; one llama_batch per step for all of them."""
+
+    def __init__(self, engine: LlamaCppEngine):
+        from llama_cpp import _internals
+
+        self.e = engine
+        self.slots = [_Slot(i) for i in range(engine.n_parallel)]
+        self.batch = _internals.LlamaBatch(n_tokens=engine.n_batch, embd=0, n_seq_max=1, verbose=False)
+
+    def run(self, first: _Req, requests: queue.SimpleQueue) -> None:
+        waiting = [first]
+        while True:
+            while True:
+                try:
+                    item = requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    for r in waiting + [s.req for s in self.slots if s.req]:
+                        r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
+                    return
+                waiting.append(item)
+            waiting = [r for r in waiting if not r.cancelled]
+            for s in self.slots:
+                if s.req is not None and s.req.cancelled:
+                    self._release(s)
+            while waiting and any(s.req is None for s in self.slots):
+                self._assign(waiting.pop(0))
+            active = [s for s in self.slots if s.req is not None]
+            self.e.active = len(active)
+            if not active:
+                return
+            self._step(active)
+
+    def _assign(self, r: _Req) -> None:
+        """Give `r` the free slot whose cached tokens share the longest prefix with its prompt."""
+        import llama_cpp
+
+        def common(s: _Slot) -> int:
+            n = 0
+            for a, b in zip(s.tokens, r.ids[:-1]):   # always evaluate >= 1 prompt token (for logits)
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        slot = max((s for s in self.slots if s.req is None), key=common)
+        keep = common(slot)
+        if not llama_cpp.llama_memory_seq_rm(self.e.ctx.memory, slot.seq, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self.e.ctx.memory, slot.seq, -1, -1)
+            keep = 0
+        slot.tokens, slot.req, slot.next = r.ids[:keep], r, None
+        r.pending = r.ids[keep:]
+        r.context = r.ids[-8:]
+        r.sampler = _sampler(r.params, self.e.vocab_size)
+
+    def _step(self, active: list[_Slot]) -> None:
+        import llama_cpp
+
+        b = self.batch.batch
+        n, outputs = 0, []
+
+        def add(slot: _Slot, token: int, logits: bool) -> None:
+            nonlocal n
+            b.token[n], b.pos[n], b.n_seq_id[n] = token, len(slot.tokens), 1
+            b.seq_id[n][0], b.logits[n] = slot.seq, logits
+            slot.tokens.append(token)
+            n += 1
+
+        for s in active:                      # decoding rows: one token each
+            if s.next is not None:
+                add(s, s.next, True)
+                s.next = None
+                outputs.append((s, n - 1))
+        for s in active:                      # prompts: as much as fits in this batch
+            chunk = s.req.pending[: self.e.n_batch - n]
+            for i, token in enumerate(chunk):
+                add(s, token, i == len(chunk) - 1 and len(chunk) == len(s.req.pending))
+            s.req.pending = s.req.pending[len(chunk):]
+            if chunk and not s.req.pending:
+                outputs.append((s, n - 1))
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.e.ctx.ctx, b)
+        if rc != 0:
+            for s in active:
+                s.req.out.put(ZhtuneError(f"llama.cpp decode failed (code {rc}): the KV cache is full",
+                                          hint="fewer concurrent requests, or a larger n_ctx"))
+                llama_cpp.llama_memory_seq_rm(self.e.ctx.memory, s.seq, -1, -1)
+                s.tokens = []
+                self._release(s)
+            return
+        for s, idx in outputs:
+            self._advance(s, llama_cpp.llama_sampler_sample(s.req.sampler.sampler, self.e.ctx.ctx, idx))
+
+    def _advance(self, s: _Slot, token: int) -> None:
+        r = s.req
+        r.n += 1
+        if token in r.ends:
+            return self._finish(s, "", "stop")
+        piece = self.e.llm.detokenize([token], prev_tokens=r.context)
+        r.context = r.context[-7:] + [token]
+        emit, hit = r.stops.feed(r.utf8.decode(piece))
+        if hit:
+            return self._finish(s, emit, "stop", hit=True)
+        if r.n >= r.params.max_new_tokens or len(r.ids) + r.n >= self.e.max_model_len:
+            return self._finish(s, emit, "length")
+        if emit:
+            r.out.put(Delta(emit))
+        s.next = token
+
+    def _finish(self, s: _Slot, text: str, reason: str, hit: bool = False) -> None:
+        r = s.req
+        if not hit:   # release what was held back: an incomplete character, a stop-string prefix
+            rest, hit = r.stops.feed(r.utf8.decode(b"", final=True))
+            text += rest + ("" if hit else r.stops.flush())
+            reason = "stop" if hit else reason
+        r.out.put(Delta(text, reason, len(r.ids), r.n))
+        self._release(s)
+
+    def _release(self, s: _Slot) -> None:
+        if s.req is not None and s.req.sampler is not None:
+            s.req.sampler.close()
+        s.req, s.next = None, None
+
+
+def _sampler(p: GenParams, n_vocab: int):
+    """llama.cpp's sampler chain for one request, in the order llama-cpp-python's `generate` builds it."""
+    from llama_cpp import _internals
+
+    smp = _internals.LlamaSampler()
+    if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+        smp.add_penalties(n_vocab, 64, p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+    if p.temperature == 0:
+        smp.add_greedy()
+    else:
+        if p.top_k:
+            smp.add_top_k(p.top_k)
+        smp.add_top_p(p.top_p, 1)
+        smp.add_temp(p.temperature)
+        smp.add_dist(p.seed if p.seed is not None else random.getrandbits(31))
+    return smp
