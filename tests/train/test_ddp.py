@@ -51,26 +51,44 @@ def _losses(out: Path) -> list[float]:
     return [h["loss"] for h in state["log_history"] if "loss" in h]
 
 
-def _train(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train(model: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "zhtune", "train", f"model_name_or_path={model}", "stage=pt", f"dataset=[{ZH}]",
-           f"output_dir={out}", "cutoff_len=64", "max_steps=4", "learning_rate=3e-3", "logging_steps=1",
-           "save_steps=1000", "lora_dropout=0", "seed=0", "lr_scheduler_type=constant", *extra]
+    cmd = [*(launcher or (sys.executable,)), "-m", "zhtune", "train", f"model_name_or_path={model}", "stage=pt",
+           f"dataset=[{ZH}]", f"output_dir={out}", "cutoff_len=64", "max_steps=4", "learning_rate=3e-3",
+           "logging_steps=1", "save_steps=1000", "lora_dropout=0", "seed=0", "lr_scheduler_type=constant", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_two_cpu_processes_follow_the_one_process_loss_curve(tiny_model_dir, tmp_path):
-    one = _train(tiny_model_dir, tmp_path / "one", "per_device_train_batch_size=4")
-    assert one.returncode == 0, one.stderr[-3000:]
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "one"
+    done = _train(tiny_model_dir, out, "per_device_train_batch_size=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_two_cpu_processes_follow_the_one_process_loss_curve(tiny_model_dir, one_process, tmp_path):
     two = _train(tiny_model_dir, tmp_path / "two", "per_device_train_batch_size=2", "nproc_per_node=2")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "torch.distributed.run" in two.stdout          # zhtune started torchrun itself
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    a, b = _losses(one_process), _losses(tmp_path / "two")
     assert len(a) == len(b) == 4
     assert b == pytest.approx(a, rel=2e-3), (a, b)          # same global batch of 4 blocks, gloo all-reduce
     assert a[-1] < a[0]
+    state = json.loads((tmp_path / "two" / "trainer_state.json").read_text())
+    assert state["log_history"][0]["num_input_tokens_seen"] == 4 * 64      # both ranks' tokens counted
     assert (tmp_path / "two" / "pt_lora_model" / "adapter_model.safetensors").is_file()
+
+
+def test_runs_unchanged_under_accelerate_launch(tiny_model_dir, one_process, tmp_path):
+    """accelerate launch starts the same program; on CPU it runs one process (multi-process CPU
+    needs MPI there), which must train exactly like a plain run."""
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    done = _train(tiny_model_dir, tmp_path / "acc", "per_device_train_batch_size=4", launcher=launcher)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(tmp_path / "acc") == pytest.approx(_losses(one_process), rel=1e-5)
 
 
 # --- GPU only: the engines that do not run on CPU ---------------------------------------------------
