@@ -171,7 +171,10 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": None}]}, 400,
      "messages.0.content", ""),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "assistant", "content": "a"}]}, 400,
-     None, "role"),
+     "messages", "no user message"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     400, "messages.2", "role"),
     ("/v1/chat/completions", {"model": "tiny", "messages": USER, "tools": [{"type": "function"}]}, 400,
      "tools", "not supported"),
     ("/v1/chat/completions", {"model": "tiny", "messages": USER, "logprobs": True}, 400, "logprobs", ""),

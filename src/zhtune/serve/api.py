@@ -38,6 +38,11 @@ DEFAULT_MAX_BODY = 2 * 1024 * 1024
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
+# 200 is JSON, or an SSE stream of JSON chunks ending with `data: [DONE]` when "stream": true
+STREAM_RESPONSES = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                          "description": "a completion, or with stream=true an SSE stream"}, **ERROR_RESPONSES}
+
+
 # --- request guard: API key and body size, before anything parses the body ------------------
 class Guard:
     """ASGI middleware: 401 without the right Bearer key on /v1/*, 413 past max_body_bytes.
@@ -96,17 +101,28 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 # --- error handlers: everything a client can get wrong is a 4xx in OpenAI's shape ------------------
+def _field_path(loc) -> str:
+    """pydantic's loc as a dotted field path, without "body" and the union-member tags it inserts
+    ("messages.0.content.str" -> "messages.0.content")."""
+    parts = []
+    for p in loc:
+        if p == "body":
+            continue
+        if isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p):
+            break
+        parts.append(str(p))
+    return ".".join(parts)
+
+
 def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    param = _field_path(first.get("loc", ())) or None
     if first.get("type") == "json_invalid":
         param = None  # its loc is a character offset, not a field
         message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
     else:
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                            for e in errors[:5])
+        message = "; ".join(f"{_field_path(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[:5])
     return _error_response(APIError(400, message or "invalid request", param=param, code="invalid_request"))
 
 
@@ -180,6 +196,9 @@ def to_messages(messages) -> list[dict]:
             raise APIError(400, f"messages[{i}]: a system message may only come first", param=f"messages.{i}.role",
                            code="invalid_value")
         out.append({"role": role, "content": content})
+    if not any(m["role"] == "user" for m in out):
+        raise APIError(400, "messages hold no user message: nothing to answer", param="messages",
+                       code="invalid_value")
     return out
 
 
@@ -280,7 +299,7 @@ def _model_card(srv: Server) -> dict:
             "max_model_len": srv.context or None}
 
 
-@router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+@router.post("/v1/chat/completions", responses=STREAM_RESPONSES)
 async def chat_completions(req: ChatRequest, request: Request):
     srv = _server(request)
     _check_model(req.model, srv.served)
@@ -303,7 +322,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     return await _complete(srv, request, reply)
 
 
-@router.post("/v1/completions", responses=ERROR_RESPONSES)
+@router.post("/v1/completions", responses=STREAM_RESPONSES)
 async def completions(req: CompletionRequest, request: Request):
     srv = _server(request)
     _check_model(req.model, srv.served)
@@ -488,7 +507,23 @@ def create_app(engine: Engine, api_key: str | None = None, served_model_name: st
         app.add_exception_handler(kind, _any_error)
     app.include_router(router)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, plus what only this server knows: the one model id it accepts."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        served = app.state.server.served
+        for name in ("ChatRequest", "CompletionRequest", "EmbeddingRequest"):
+            model = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {}).get("model")
+            if model is not None:
+                model.update({"enum": [served], "description": "the id from GET /v1/models"})
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # --- the command -----------------------------------------------------------------------------

@@ -75,7 +75,7 @@ class TextPart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[TextPart]]   # null content (tool calls) is not supported here
     name: Optional[str] = None
 
 
