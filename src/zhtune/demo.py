@@ -31,8 +31,7 @@ class Step:
 @dataclass
 class Demo:
     work: Path
-    quick: bool = False
-    state: dict = field(default_factory=dict)
+    steps: dict = field(default_factory=lambda: {"pt": 200, "sft": 300, "dpo": 10})
 
     def path(self, *parts: str) -> Path:
         return self.work.joinpath(*parts)
@@ -63,14 +62,64 @@ def tokens_per_cjk(tokenizer_dir: Path, lines: list[str]) -> float:
 
 # --- steps -------------------------------------------------------------------------------------
 
+# the tiny model: big enough to memorise the demo's answers in a minute of CPU, small enough to be quick
+MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=352, max_position=512)
+QUESTIONS = 4  # the first records of assets/sft_qa.jsonl are the questions the demo asks
+
+
+def _trained(*keys: str) -> list[str]:
+    """Common `zhtune train` keys of the demo's runs (CPU, quick, logged every few steps)."""
+    return ["per_device_train_batch_size=8", "logging_steps=10", "save_steps=1000", "seed=0",
+            "lr_scheduler_type=constant_with_warmup", *keys]
+
+
+def _losses(out: Path) -> tuple[float, float]:
+    import json
+
+    history = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    return losses[0], losses[-1]
+
+
+def _capture(demo: Demo, *args: str) -> str:
+    """Run a zhtune command while keeping a copy of what it prints (for the summary's figures)."""
+    import contextlib
+    import io
+
+    class Tee(io.TextIOBase):
+        def __init__(self, out):
+            self.out, self.buf = out, io.StringIO()
+
+        def write(self, text):
+            self.buf.write(text)
+            return self.out.write(text)
+
+        def flush(self):
+            self.out.flush()
+
+    tee = Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        demo.zhtune(*args)
+    return tee.buf.getvalue()
+
+
+def _max_diff(printed: str) -> str:
+    import re
+
+    found = re.findall(r"max \|Δlogit\| (\S+)", printed)
+    return found[-1] if found else "?"
+
+
 def step_base(demo: Demo) -> str:
-    """A tiny LLaMA-like English tokenizer (stands in for LLaMA's) trained here, in seconds."""
+    """A tiny LLaMA-like English tokenizer (standing in for LLaMA's) and a random tiny Llama."""
     from zhtune.vocab.hf import write_hf_tokenizer
 
     sp = tiny.train_base_sp(tiny.asset_lines("en_corpus.txt"), demo.path("base_sp", "tokenizer.model"),
                             vocab_size=1000)
     write_hf_tokenizer(sp, demo.path("base_tokenizer"))
-    return "vocab 1000 (English BPE, byte fallback)"
+    tiny.build_tiny_model(demo.path("base_model"), vocab_size=1000, seed=0,
+                          tokenizer_dir=demo.path("base_tokenizer"), **MODEL)
+    return f"English BPE vocab 1000 + Llama {MODEL['num_layers']}×{MODEL['hidden_size']}"
 
 
 def step_vocab(demo: Demo) -> str:
@@ -81,13 +130,130 @@ def step_vocab(demo: Demo) -> str:
     held = tiny.asset_lines("zh_heldout.txt")
     before = tokens_per_cjk(demo.path("base_tokenizer"), held)
     after = tokens_per_cjk(demo.path("tokenizer", "merged_tokenizer_hf"), held)
-    demo.state["tokens_per_cjk"] = (before, after)
     return f"tokens/中文字 {before:.2f} → {after:.2f} (held-out)"
 
 
+def step_pt(demo: Demo) -> str:
+    demo.zhtune("train", "stage=pt", f"model_name_or_path={demo.path('base_model')}",
+                f"tokenizer_name_or_path={demo.path('tokenizer', 'merged_tokenizer_hf')}",
+                f"dataset={tiny.asset('zh_corpus.txt')}", "cutoff_len=128", "lora_rank=16", "lora_alpha=32",
+                "learning_rate=3e-3", f"max_steps={demo.steps['pt']}", *_trained(),
+                f"output_dir={demo.path('pt')}")
+    printed = _capture(demo, "merge", "--lora", demo.path("pt", "pt_lora_model"), "--output",
+                       demo.path("merged_pt"), "--verify")
+    first, last = _losses(demo.path("pt"))
+    return f"loss {first:.2f} → {last:.2f}; merge max|Δlogit| {_max_diff(printed)}"
+
+
+def step_sft(demo: Demo) -> str:
+    demo.zhtune("train", "stage=sft", f"model_name_or_path={demo.path('merged_pt')}",
+                f"dataset={tiny.asset('sft_qa.jsonl')}", "template=chinese-alpaca", "cutoff_len=256",
+                "packing=true", "lora_rank=16", "lora_alpha=32", "modules_to_save=embed_tokens,lm_head",
+                "learning_rate=3e-3", f"max_steps={demo.steps['sft']}", *_trained(),
+                f"output_dir={demo.path('sft')}")
+    first, last = _losses(demo.path("sft"))
+    return f"loss {first:.2f} → {last:.2f}"
+
+
+def step_dpo(demo: Demo) -> str:
+    import json
+
+    demo.zhtune("train", "stage=dpo", f"model_name_or_path={demo.path('merged_pt')}",
+                f"peft_path={demo.path('sft', 'sft_lora_model')}", f"dataset={tiny.asset('dpo_pairs.jsonl')}",
+                "template=chinese-alpaca", "cutoff_len=256", "pref_beta=0.1", "learning_rate=5e-4",
+                f"max_steps={demo.steps['dpo']}", *_trained("per_device_train_batch_size=4", "logging_steps=2"),
+                f"output_dir={demo.path('dpo')}")
+    results = json.loads(demo.path("dpo", "train_results.json").read_text(encoding="utf-8"))
+    acc = next((v for k, v in results.items() if k.endswith("rewards/accuracies")), None)
+    return f"reward accuracy {acc:.2f}" if isinstance(acc, (int, float)) else "done"
+
+
+def step_merge(demo: Demo) -> str:
+    printed = _capture(demo, "merge", "--lora", demo.path("dpo", "dpo_lora_model"), "--output",
+                       demo.path("merged"), "--verify")
+    return f"max|Δlogit| {_max_diff(printed)} vs base+LoRA (peft)"
+
+
+def step_gguf(demo: Demo) -> str:
+    printed = _capture(demo, "export", "gguf", "--model", demo.path("merged"), "--output",
+                       demo.path("gguf", "zhtune-demo.f16.gguf"), "--quant", "f16", "--verify")
+    return f"llama.cpp vs transformers max|Δlogit| {_max_diff(printed)}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _questions() -> list[dict]:
+    import json
+
+    rows = [json.loads(line) for line in tiny.asset_lines("sft_qa.jsonl")]
+    return rows[:QUESTIONS]
+
+
+def step_serve(demo: Demo) -> str:
+    """`zhtune serve` on the GGUF in a child process, asked through the official OpenAI client."""
+    import subprocess
+    import urllib.request
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "zhtune", "serve", "--model", str(demo.path("gguf", "zhtune-demo.f16.gguf")),
+           "--port", str(port), "--served-model-name", "zhtune-demo"]
+    print(f"\n  $ zhtune {' '.join(shlex.quote(c) for c in cmd[3:])} &", flush=True)
+    log = open(demo.path("serve.log"), "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise ZhtuneError("zhtune serve did not start", where=str(demo.path("serve.log"))) from None
+                time.sleep(0.5)
+        return _ask(port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _ask(port: int) -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    right = 0
+    shown = ""
+    for i, row in enumerate(_questions()):
+        reply = client.chat.completions.create(
+            model="zhtune-demo", messages=[{"role": "user", "content": row["instruction"]}],
+            temperature=0, max_tokens=32)
+        answer = (reply.choices[0].message.content or "").strip()
+        ok = answer == row["output"].strip()
+        right += ok
+        print(f"  问 Q: {row['instruction']}\n  答 A: {answer}  {'✓' if ok else '✗ (expected ' + row['output'] + ')'}")
+        if i == 0:
+            shown = answer
+    return f"{right}/{len(_questions())} answers right, e.g. “{shown}”"
+
+
 STEPS = [
-    Step("base", "基座分词器 / base tokenizer", step_base),
+    Step("base", "基座模型 / tiny base model", step_base),
     Step("vocab", "中文词表扩充 / Chinese vocabulary", step_vocab),
+    Step("pt", "继续预训练+合并 / PT (LoRA) + merge", step_pt),
+    Step("sft", "指令精调 / SFT (LoRA)", step_sft),
+    Step("dpo", "偏好训练 / DPO", step_dpo),
+    Step("merge", "合并 / merge adapters", step_merge),
+    Step("gguf", "导出 GGUF / export GGUF", step_gguf),
+    Step("serve", "API 服务问答 / serve + OpenAI client", step_serve),
 ]
 
 
@@ -147,8 +313,14 @@ def main(argv: list[str]) -> int:
         step.seconds = time.perf_counter() - t0
         print(f"  ✓ {step.figure}  ({step.seconds:.1f}s)", flush=True)
     print("\n" + _summary(STEPS, time.perf_counter() - start))
-    print(f"\n下一步 / next: explore {work}, then try:\n"
-          f"  zhtune vocab stats --tokenizer {work / 'base_tokenizer'} "
-          f"--tokenizer {work / 'tokenizer' / 'merged_tokenizer_hf'} --text {tiny.asset('zh_heldout.txt')}")
+    print(f"""
+作品都在 {work}，接下来试试 / everything is in {work}; try next:
+  zhtune chat --model {work / 'merged'}                         # 终端对话 chat in the terminal
+  zhtune chat --model {work / 'gguf' / 'zhtune-demo.f16.gguf'}   # llama.cpp on CPU
+  zhtune webui --model {work / 'merged'}                        # 网页 browser chat
+  zhtune serve --model {work / 'merged'}                        # OpenAI API
+  zhtune rag qa --docs {tiny.asset('rag_docs')} --model {work / 'merged'} --question "星帆X3 的电池能用多久？"
+  zhtune vocab stats --tokenizer {work / 'base_tokenizer'} --tokenizer {work / 'tokenizer' / 'merged_tokenizer_hf'} --text {tiny.asset('zh_heldout.txt')}
+  zhtune train examples/tiny/sft.yaml model_name_or_path={work / 'merged_pt'}   # your own recipe""")
     sys.stdout.flush()
     return 0
