@@ -15,9 +15,10 @@ build tokenizer.json ourselves:
 - normalizer Prepend("▁") + Replace(" ", "▁") (sentencepiece's add_dummy_prefix and whitespace
   escaping, also for a leading space), no pre-tokenizer (sentencepiece sees the whole text at once),
   byte_fallback for characters outside the vocabulary, and a decoder that undoes all of it.
-- tokenizer_config.json names TokenizersBackend (the generic fast tokenizer), which loads
-  tokenizer.json as written; naming LlamaTokenizer would make transformers rebuild the pipeline
-  with the Metaspace pre-tokenizer above.
+- tokenizer_config.json names PreTrainedTokenizerFast (transformers 5 maps it to TokenizersBackend;
+  transformers 4, which vLLM and others may pin, knows it too): the generic fast tokenizer, which
+  loads tokenizer.json as written. Naming LlamaTokenizer would make transformers rebuild the
+  pipeline with the Metaspace pre-tokenizer above.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def tokenizer_config(proto, extra_config: dict | None = None) -> dict:
     """tokenizer_config.json: the generic fast backend, BOS added, specials named from the model."""
     spec = proto.trainer_spec
     config = {
-        "tokenizer_class": "TokenizersBackend",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": spec.bos_id >= 0, "add_eos_token": False,
         "bos_token": _piece_of(proto, spec.bos_id), "eos_token": _piece_of(proto, spec.eos_id),
         "unk_token": _piece_of(proto, spec.unk_id), "pad_token": _piece_of(proto, spec.pad_id),
