@@ -19,15 +19,19 @@ import os
 import re
 from dataclasses import dataclass, replace
 
-import anyio
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from zhtune import __version__
 from zhtune.errors import ZhtuneError
+
+try:
+    import anyio
+    from fastapi import APIRouter, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from sse_starlette.sse import EventSourceResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as exc:  # the serve extra is optional
+    raise ZhtuneError(f"zhtune serve needs the serve extra ({exc.name} is missing)",
+                      hint="pip install 'zhtune[serve]'") from None
 from zhtune.infer.engine import Delta, Engine, GenParams, PromptTooLong
 from zhtune.serve.protocol import (ERROR_RESPONSES, MAX_CHOICES, MAX_EMBED_INPUTS, APIError, ChatRequest, CompletionRequest, EmbeddingRequest,
                                    embedding_item, new_id, now, usage)
@@ -573,11 +577,23 @@ def _check_args(args) -> None:
                               where=f"--{flag.replace('_', '-')}", expected=f"an integer >= {low}")
 
 
+def _engine_options(args) -> dict:
+    """The serve flags each backend understands: the batch width follows --max-concurrency."""
+    from zhtune.infer.engine import pick_backend
+
+    backend = pick_backend(args.model, args.backend)
+    if backend == "llamacpp":
+        return {"n_ctx": args.max_model_len or 0, "n_parallel": min(args.max_concurrency, 256)}
+    if backend == "vllm":
+        return {"dtype": args.dtype, "max_model_len": args.max_model_len}
+    return {"dtype": args.dtype, "max_batch_size": args.max_concurrency}
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _check_args(args)
-    if args.max_concurrency is None and args.backend != "vllm":
-        args.max_concurrency = 16
+    if args.max_concurrency is None:
+        args.max_concurrency = 256 if args.backend == "vllm" else 16
     if args.print_vllm_command:
         from zhtune.serve.vllm_launch import vllm_command
 
@@ -589,13 +605,11 @@ def main(argv: list[str]) -> int:
         raise ZhtuneError("uvicorn is not installed", hint="pip install 'zhtune[serve]'") from None
     from zhtune.infer.engine import load_engine
 
-    options = {"dtype": args.dtype} if (args.backend or "hf") == "hf" and not args.model.endswith(".gguf") else {}
-    if args.max_model_len and args.backend == "vllm":
-        options["max_model_len"] = args.max_model_len
-    engine = load_engine(args.model, args.lora, backend=args.backend, template=args.template, **options)
+    engine = load_engine(args.model, args.lora, backend=args.backend, template=args.template,
+                         **_engine_options(args))
     try:
         app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
-                         max_concurrency=args.max_concurrency or 256, max_body_bytes=args.max_body_bytes,
+                         max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
                          max_queue=args.max_queue, max_model_len=args.max_model_len)
         served = app.state.server.served
         print(f"zhtune serve: {served} ({engine.backend}) on http://{args.host}:{args.port}/v1 "
