@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,20 @@ def test_shipped_dpo_recipes_load(recipe):
     cfg = load_config(TrainConfig, recipe, [], TRAIN_ALIASES)
     assert cfg.stage == "dpo" and cfg.output_dir
     assert recipe.read_text(encoding="utf-8").startswith("# zhtune train examples/")
+
+
+def test_a_killed_dpo_run_resumes_to_the_same_adapter(tiny_model_dir, pref_files, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "res"
+    run = args(tiny_model_dir, pref_files[0], out, "max_steps=3", "save_steps=2", "lora_dropout=0")
+    assert train_main(run) == 0
+    whole = load_file(str(out / "dpo_lora_model" / "adapter_model.safetensors"))
+    # as if killed after checkpoint-2: only run.yaml and that checkpoint are left
+    for p in out.iterdir():
+        if p.name not in ("run.yaml", "checkpoint-2"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert train_main(run) == 0
+    resumed = load_file(str(out / "dpo_lora_model" / "adapter_model.safetensors"))
+    assert set(resumed) == set(whole)
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
