@@ -1,6 +1,6 @@
 """Engine overhead on CPU: zhtune's inference engine vs the raw library on the same weights, same run.
 
-    python benchmarks/infer_speed.py                       # ~56M-param random LLaMA, 2 threads
+    python benchmarks/infer_speed.py                       # ~56M-param random LLaMA, 1 thread
     python benchmarks/infer_speed.py --repeats 5 --tokens 128 --quants f16 q8_0 q4_k_m
 
 Backends: zhtune hf (fp32) vs transformers `generate` with a streamer; zhtune llamacpp vs
@@ -107,7 +107,7 @@ def zhtune_run(engine, text: str, prompt_len: int, tokens: int) -> dict:
 
     params = GenParams(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     if engine.backend == "llamacpp":
-        engine.llm.reset()          # no prefix-cache hit: measure the whole prefill, like the raw side
+        engine.clear_cache()        # no prefix-cache hit: measure the whole prefill, like the raw side
     timer = Timer()
     last = None
     for last in engine.stream(text, params):
@@ -123,6 +123,18 @@ def raw_llama(llm, ids, tokens: int) -> dict:
         timer.tick()
     # every sampled token but the last is evaluated into the context
     return timer.result(len(ids), llm.n_tokens - len(ids) + 1)
+
+
+def concurrency(engine, text: str, tokens: int, streams: int) -> float:
+    """Total generated tokens/s with `streams` requests at once (distinct prompts, greedy)."""
+    from zhtune.infer.engine import GenParams
+
+    prompts = [f"{text} {i}" for i in range(streams)]
+    if engine.backend == "llamacpp":
+        engine.clear_cache()
+    t0 = time.perf_counter()
+    done = engine.generate(prompts, GenParams(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0))
+    return sum(c.completion_tokens for c in done) / (time.perf_counter() - t0)
 
 
 def compare(name: str, raw, ours, repeats: int) -> list[tuple]:
@@ -147,7 +159,11 @@ def main() -> None:
     ap.add_argument("--work", default="benchmarks/_work/infer_speed")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for both sides (1: a busy shared machine makes ggml's 2-thread "
+                         "barrier spin; use 2+ on an idle one)")
+    ap.add_argument("--parallel", type=int, default=16, help="zhtune llamacpp n_parallel (sequence slots)")
+    ap.add_argument("--streams", type=int, default=16, help="concurrent streams for the throughput table")
     ap.add_argument("--quants", nargs="*", default=["f16", "q8_0", "q4_k_m"])
     args = ap.parse_args()
 
@@ -170,6 +186,7 @@ def main() -> None:
     raw_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     rows += compare("hf fp32", lambda: raw_hf(raw_model, ids, args.tokens),
                     lambda: zhtune_run(hf, text, len(ids), args.tokens), args.repeats)
+    conc = [("hf fp32", concurrency(hf, text, args.tokens, 1), concurrency(hf, text, args.tokens, args.streams))]
     hf.close()
     del raw_model
 
@@ -181,18 +198,25 @@ def main() -> None:
         gguf = root / f"model.{quant}.gguf"
         if not gguf.is_file():
             export_gguf(model_dir, gguf, quant=quant, modelfile=False, log=lambda *a: None)
-        raw = Llama(str(gguf), n_ctx=2048, n_threads=args.threads, verbose=False)
-        eng = load_engine(str(gguf), n_ctx=2048, n_threads=args.threads)
+        raw = Llama(str(gguf), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+        eng = load_engine(str(gguf), n_ctx=2048, n_threads=args.threads, n_parallel=args.parallel)
         cpp_ids = eng.tokenize_prompt(text)
         assert cpp_ids == ids, "llama.cpp and transformers tokenise the prompt differently"
         rows += compare(f"llamacpp {quant}", lambda: raw_llama(raw, ids, args.tokens),
                         lambda: zhtune_run(eng, text, len(ids), args.tokens), args.repeats)
+        if quant == "q8_0":
+            conc.append((f"llamacpp {quant}", concurrency(eng, text, args.tokens, 1),
+                         concurrency(eng, text, args.tokens, args.streams)))
         eng.close()
         raw.close()
 
     print("\n| backend | metric | raw library | zhtune | zhtune / raw |\n|---|---|---:|---:|---:|")
     for name, label, r, z, ratio in rows:
         print(f"| {name} | {label} | {r:.1f} | {z:.1f} | {ratio:.3f} |")
+    print(f"\n| zhtune backend | total tok/s, 1 stream | total tok/s, {args.streams} streams | ratio |\n"
+          "|---|---:|---:|---:|")
+    for name, one, many in conc:
+        print(f"| {name} | {one:.1f} | {many:.1f} | {many / one:.2f} |")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ class LlamaCppEngine(Engine):
             raise ZhtuneError("the llamacpp backend needs llama-cpp-python", where="--backend",
                               hint="CMAKE_ARGS=-DGGML_NATIVE=off pip install 'zhtune[gguf]'") from None
         self.path = _check_gguf(model)
-        self._threads = n_threads or min(8, os.cpu_count() or 1)
+        # llama-cpp-python's default: half the logical CPUs (one per physical core); more threads
+        # than free cores makes ggml's spinning thread barrier collapse on a busy machine
+        self._threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         self._kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=self._threads, verbose=False)
         try:   # this context is only used for embeddings' settings; decoding has its own (_open_context)
             self.llm = Llama(str(self.path), **{**self._kwargs, "n_ctx": 64})
@@ -111,18 +113,21 @@ class LlamaCppEngine(Engine):
         self.n_batch = max(int(n_batch), self.n_parallel)
         self.ctx = self._open_context()
         self.active = 0
+        self._clear = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._worker = threading.Thread(target=_worker_main, args=(weakref.ref(self), self._queue),
                                         name="zhtune-llamacpp-decode", daemon=True)
         self._worker.start()
 
     def _open_context(self):
-        """A llama_context with n_parallel sequences sharing one KV cache of n_parallel * context."""
+        """A llama_context with n_parallel sequences sharing one KV cache (unified: a long chat may use
+        what short ones leave). Cells: n_parallel * context, capped at max(context, 8192) so a 7B
+        model's f16 cache stays near 4 GB; when it is full, the requests in that step get an error."""
         import llama_cpp
         from llama_cpp import _internals
 
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.max_model_len * self.n_parallel
+        params.n_ctx = min(self.max_model_len * self.n_parallel, max(self.max_model_len, 8192))
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_seq_max = self.n_parallel
         params.n_threads = params.n_threads_batch = self._threads
@@ -160,6 +165,10 @@ class LlamaCppEngine(Engine):
                    self.stop_ids | set(params.stop_token_ids))
         self._queue.put(req)
         return RequestStream(req)
+
+    def clear_cache(self) -> None:
+        """Forget the prompts kept in idle slots (the next request evaluates its whole prompt)."""
+        self._clear = True
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
@@ -294,6 +303,12 @@ class _Decoder:
                 n += 1
             return n
 
+        if self.e._clear:
+            self.e._clear = False
+            for s in self.slots:
+                if s.req is None and s.tokens:
+                    llama_cpp.llama_memory_seq_rm(self.e.ctx.memory, s.seq, -1, -1)
+                    s.tokens = []
         slot = max((s for s in self.slots if s.req is None), key=common)
         keep = common(slot)
         if not llama_cpp.llama_memory_seq_rm(self.e.ctx.memory, slot.seq, keep, -1):
