@@ -149,6 +149,7 @@ def training_arguments(cfg, out: Path, has_eval: bool):
     from zhtune.model.load import device_kind, mixed_precision
 
     bf16, fp16 = mixed_precision(cfg)
+    _check_reporters(cfg.report_to)
     kwargs: dict[str, Any] = dict(
         output_dir=str(out), per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
@@ -179,6 +180,17 @@ def training_arguments(cfg, out: Path, has_eval: bool):
     except (ValueError, TypeError) as exc:
         raise ZhtuneError(f"invalid training arguments: {exc}", where="config",
                           expected="values transformers' TrainingArguments accepts") from None
+
+
+def _check_reporters(report_to: list[str]) -> None:
+    """report_to=tensorboard / wandb needs that package; say so before any work, not from deep in Trainer."""
+    import importlib.util
+
+    for name in report_to:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            raise ZhtuneError(f"report_to={name} needs the {module} package, which is not installed",
+                              where="report_to", expected=f"pip install {module}, or report_to=none")
 
 
 def make_trainer(cfg, model, tokenizer, data, out: Path, trainer_cls=None, **extra):
