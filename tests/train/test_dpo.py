@@ -216,3 +216,15 @@ def test_a_killed_dpo_run_resumes_to_the_same_adapter(tiny_model_dir, pref_files
     resumed = load_file(str(out / "dpo_lora_model" / "adapter_model.safetensors"))
     assert set(resumed) == set(whole)
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_qlora_dpo_trains_the_adapter_on_a_4bit_base(tiny_model_dir, pref_files, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    out = tmp_path / "q"
+    assert train_main(args(tiny_model_dir, pref_files[0], out, "max_steps=2", "finetuning_type=qlora")) == 0
+    saved = load_file(str(out / "dpo_lora_model" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)       # B starts at zero: it moved
+    assert "rewards/accuracies" in results(out)
