@@ -240,7 +240,7 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, quant: str = "f1
         if verify:
             from zhtune.export.parity import verify_gguf
 
-            verify_gguf(tmp, model_dir, quantised=quant not in DIRECT, log=log)
+            verify_gguf(tmp, model_dir, quantised=quant not in DIRECT, log=log, name=out.name)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

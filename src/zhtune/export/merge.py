@@ -539,20 +539,20 @@ def merge(base: str | Path | None, loras: list[str | Path], output: str | Path, 
     out_dtype = getattr(torch, dtype) if dtype else None
     plan = plan_merge(base, reader, config, adapters, out_dtype)
     log(f"合并 merging {len(adapters)} adapter(s) into {base}: {len(plan.specs)} tensors, vocab {plan.vocab}")
-    done = [0]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan.specs), unit="tensor", desc="merge", file=sys.stderr, leave=False)
 
     def make(spec: TensorSpec):
         w = merge_tensor(spec.name, lambda: reader.get(spec.name), adapters, plan.rows_after).to(spec.dtype)
-        done[0] += 1
-        if done[0] % 50 == 0 or done[0] == len(plan.specs):
-            print(f"\r  {done[0]}/{len(plan.specs)} tensors", end="\n" if done[0] == len(plan.specs) else "",
-                  file=sys.stderr, flush=True)
+        bar.update()
         return w
 
     with atomic_output_dir(output, overwrite) as tmp:
         hf_dir = tmp if fmt == "hf" else tmp / ".hf"
         hf_dir.mkdir(exist_ok=True)
         write_sharded_safetensors(hf_dir, plan.specs, make, max_shard_size)
+        bar.close()
         out_cfg = dict(config, vocab_size=plan.vocab)
         out_cfg["dtype"] = str(next((s.dtype for s in plan.specs if s.dtype.is_floating_point), "float32")).replace("torch.", "")
         (hf_dir / "config.json").write_text(json.dumps(out_cfg, indent=2) + "\n", encoding="utf-8")

@@ -118,7 +118,7 @@ def llama_cpp_logits(gguf: Path, texts: list[str], n_threads: int = 2):
     return ids, rows
 
 
-def verify_gguf(gguf: Path, model_dir: Path, quantised: bool, log=print) -> Parity:
+def verify_gguf(gguf: Path, model_dir: Path, quantised: bool, log=print, name: str | None = None) -> Parity:
     """llama.cpp on the .gguf vs transformers on the HF folder: token ids and next-token logits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,7 +132,7 @@ def verify_gguf(gguf: Path, model_dir: Path, quantised: bool, log=print) -> Pari
                           where=str(gguf), expected=f"{hf_ids[bad]}", hint=f"llama.cpp gave {cpp_ids[bad]}")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     result = compare(hf_logits(model, hf_ids), cpp_rows)
-    log(f"校验 verify (llama.cpp {gguf.name} vs transformers fp32, {len(PROMPTS)} zh/en prompts): {result.line()}")
+    log(f"校验 verify (llama.cpp {name or gguf.name} vs transformers fp32, {len(PROMPTS)} zh/en prompts): {result.line()}")
     ok = result.top1_agreement >= (0.75 if quantised else 0.99) and \
         (quantised or result.max_abs_diff <= 0.02 * max(1.0, result.max_abs_logit))
     if not ok:
