@@ -134,3 +134,18 @@ def test_full_finetuning_writes_a_model(tmp_path, tiny_model_dir):
     tuned = AutoModelForCausalLM.from_pretrained(str(folder))
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_peft_path_continues_an_adapter(sft_grown_run, tmp_path, tiny_model_dir, grown_tokenizer_dir):
+    first = sft_grown_run / "sft_lora_model"
+    out = tmp_path / "more"
+    # a learning rate of ~0: the continued adapter must come out as the one it started from
+    assert train(out, tiny_model_dir, "stage=sft", f"tokenizer_name_or_path={grown_tokenizer_dir}",
+                 f"peft_path={first}", f"dataset={SFT}", "template=chinese-alpaca", "cutoff_len=128",
+                 "max_steps=1", "learning_rate=1e-12", "save_steps=100") == 0
+    a = load_file(str(first / "adapter_model.safetensors"))
+    b = load_file(str(out / "sft_lora_model" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert read_run_yaml(out / "sft_lora_model")["parents"]["peft_path"] == str(first.resolve())
