@@ -78,6 +78,22 @@ def test_stream_equals_non_stream_and_reports_usage(client, api_url):
     assert all(c["usage"] is None for c in chunks[:-1])
 
 
+def test_stream_with_n_choices_and_max_completion_tokens(client, api_url):
+    whole = chat(client, api_url, max_completion_tokens=5, temperature=0, user="u1").json()
+    assert whole["usage"]["completion_tokens"] <= 5
+    with client.stream("POST", f"{api_url}/v1/chat/completions", json={
+            "model": "tiny", "messages": USER, "max_completion_tokens": 5, "temperature": 0, "n": 2,
+            "stream": True}) as r:
+        events = sse_events(r)
+    texts, finishes = ["", ""], [None, None]
+    for chunk in events[:-1]:
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["delta"].get("content", "")
+            finishes[c["index"]] = c["finish_reason"] or finishes[c["index"]]
+    assert texts == [whole["choices"][0]["message"]["content"]] * 2
+    assert finishes == [whole["choices"][0]["finish_reason"]] * 2
+
+
 def test_stop_string_cuts_the_text(client, api_url):
     full = chat(client, api_url, max_tokens=24, temperature=0).json()["choices"][0]["message"]["content"]
     cut = len(full) // 2

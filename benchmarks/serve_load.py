@@ -1,0 +1,235 @@
+"""Load on `zhtune serve` (loopback): requests/s, output tokens/s and time to first token (p50/p95)
+at 1, 4 and 16 concurrent streams, for each backend this machine has (hf; llamacpp on a GGUF export
+of the same model), against the same engine driven directly (no HTTP) at the same concurrency.
+
+    python benchmarks/serve_load.py                          # ~17M-param random LLaMA, 48 new tokens
+    python benchmarks/serve_load.py --backends hf --levels 1 4 16 --tokens 64 --rounds 2
+
+The server is the real CLI (`python -m zhtune serve`) in its own process; the client streams with
+httpx (`stream_options.include_usage`, so output tokens are the server's own counts). "direct" runs
+engine.stream in threads inside this process: the ratio served / direct is what HTTP + SSE + the
+server's scheduling cost. Every level runs `rounds` x concurrency requests (distinct prompts, greedy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def build(root: Path, hidden: int, layers: int) -> Path:
+    """A random LLaMA with a 4000-piece Chinese+English SentencePiece tokenizer (k-quant friendly widths)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from zhtune import tiny
+    from zhtune.vocab.hf import write_hf_tokenizer
+
+    sp = tiny.train_base_sp(tiny.asset_lines("zh_corpus.txt") + tiny.asset_lines("en_corpus.txt"),
+                            root / "sp.model", vocab_size=4000)
+    torch.manual_seed(0)
+    cfg = tiny.tiny_llama_config(4000, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
+                                 num_kv_heads=hidden // 64, intermediate_size=hidden * 3, max_position=1024)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    write_hf_tokenizer(sp, root / "model")
+    return root / "model"
+
+
+def prompts(n: int) -> list[str]:
+    from zhtune import tiny
+
+    lines = [line for line in tiny.asset_lines("zh_heldout.txt") if len(line) > 20]
+    return [f"{lines[i % len(lines)][:60]} ({i})" for i in range(n)]
+
+
+def summarize(results: list[tuple[float, int]], wall: float) -> dict:
+    """results: (ttft seconds, output tokens) per request."""
+    ttfts = sorted(r[0] for r in results)
+    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
+    return {"req_s": len(results) / wall, "tok_s": sum(r[1] for r in results) / wall,
+            "ttft_p50": 1000 * statistics.median(ttfts), "ttft_p95": 1000 * p95}
+
+
+# --- through the server --------------------------------------------------------------------------
+async def _one_stream(client, url: str, prompt: str, tokens: int) -> tuple[float, int]:
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start, first, used, done = time.perf_counter(), None, 0, False
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                used = chunk["usage"]["completion_tokens"]
+    if not done:
+        raise RuntimeError("stream ended without [DONE]")
+    return (first or time.perf_counter()) - start, used
+
+
+async def _served_level(url: str, texts: list[str], concurrency: int, tokens: int) -> dict:
+    import httpx
+
+    queue = list(texts)
+    results = []
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                results.append(await _one_stream(client, url, queue.pop(), tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return summarize(results, wall)
+
+
+def start_server(model: str, backend: str, max_concurrency: int) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "zhtune", "serve", "--model", model, "--backend", backend,
+                             "--port", str(port), "--served-model-name", "bench", "--max-concurrency",
+                             str(max_concurrency), "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"zhtune serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("zhtune serve did not start in 300 s")
+
+
+def served(model: str, backend: str, levels: list[int], rounds: int, tokens: int) -> dict[int, dict]:
+    proc, url = start_server(model, backend, max(levels))
+    try:
+        asyncio.run(_served_level(url, prompts(2), 1, 4))   # warm-up
+        return {c: asyncio.run(_served_level(url, prompts(rounds * c), c, tokens)) for c in levels}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# --- the same engine, no HTTP ------------------------------------------------------------------------
+def _direct_level(engine, texts: list[str], concurrency: int, tokens: int) -> dict:
+    from zhtune.infer.engine import GenParams
+
+    queue, results, lock = list(texts), [], threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                text = queue.pop()
+            start, first, used = time.perf_counter(), None, 0
+            for delta in engine.stream([{"role": "user", "content": text}], GenParams(max_new_tokens=tokens,
+                                                                                       temperature=0)):
+                if first is None and delta.text:
+                    first = time.perf_counter()
+                if delta.finish_reason:
+                    used = delta.completion_tokens
+            with lock:
+                results.append(((first or time.perf_counter()) - start, used))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(results, time.perf_counter() - start)
+
+
+def direct(model: str, backend: str, levels: list[int], rounds: int, tokens: int) -> dict[int, dict]:
+    from zhtune.infer.engine import load_engine
+
+    options = {"n_parallel": max(levels)} if backend == "llamacpp" else {"max_batch_size": max(levels)}
+    engine = load_engine(model, backend=backend, **options)
+    try:
+        _direct_level(engine, prompts(2), 1, 4)
+        return {c: _direct_level(engine, prompts(rounds * c), c, tokens) for c in levels}
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", nargs="+", default=["hf", "llamacpp"], choices=["hf", "llamacpp"])
+    ap.add_argument("--levels", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency")
+    ap.add_argument("--tokens", type=int, default=48, help="max_tokens per request")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--quant", default="q8_0", help="GGUF quantization for the llamacpp backend")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    with tempfile.TemporaryDirectory(prefix="zhtune-serve-bench-") as tmp:
+        model_dir = build(Path(tmp), args.hidden, args.layers)
+        n_params = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 4 / 1e6
+        models = {"hf": str(model_dir)}
+        if "llamacpp" in args.backends:
+            try:
+                from zhtune.export.gguf import export_gguf
+
+                models["llamacpp"] = str(export_gguf(model_dir, Path(tmp) / f"m.{args.quant}.gguf", args.quant,
+                                                     modelfile=False, log=lambda *_: None))
+            except Exception as exc:  # no llama.cpp here: measure what we can
+                print(f"llamacpp skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        rows = []
+        for backend in args.backends:
+            if backend not in models:
+                continue
+            print(f"[{backend}] served ...", file=sys.stderr, flush=True)
+            s = served(models[backend], backend, args.levels, args.rounds, args.tokens)
+            print(f"[{backend}] direct ...", file=sys.stderr, flush=True)
+            d = direct(models[backend], backend, args.levels, args.rounds, args.tokens)
+            rows += [(backend, c, s[c], d[c], s[c]["tok_s"] / s[args.levels[0]]["tok_s"]) for c in args.levels]
+
+    label = {"hf": "hf (transformers fp32)", "llamacpp": f"llamacpp ({args.quant})"}
+    print(f"\n{n_params:.0f}M-parameter random LLaMA (hidden {args.hidden}, {args.layers} layers), "
+          f"{args.tokens} max new tokens, greedy, {args.rounds} x concurrency requests per level; "
+          f"{os.cpu_count()} CPU cores shared by the server and the client")
+    print("| backend | streams | req/s | output tok/s | TTFT p50 (ms) | TTFT p95 (ms) | direct tok/s | "
+          "served / direct | tok/s vs 1 stream |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for backend, c, s, d, scale in rows:
+        print(f"| {label[backend]} | {c} | {s['req_s']:.2f} | {s['tok_s']:.0f} | {s['ttft_p50']:.0f} | "
+              f"{s['ttft_p95']:.0f} | {d['tok_s']:.0f} | {s['tok_s'] / d['tok_s']:.2f}x | {scale:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
