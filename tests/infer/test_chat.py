@@ -49,6 +49,13 @@ def test_piped_stdin_answers_multi_turn(tiny_model_dir, engine, capsys, monkeypa
     assert out == f"{first}\n{second}\n"
 
 
+def test_piped_stdin_with_a_gguf(gguf_file, capsys, monkeypatch):
+    code, out, err = cli(["--model", str(gguf_file), "--max-new-tokens", "6", "--threads", "1", *GREEDY],
+                         capsys, monkeypatch, stdin="你好\nhello\n")
+    assert code == 0, err
+    assert out.count("\n") >= 2 and "Traceback" not in err
+
+
 def test_piped_stdin_in_a_real_process(tiny_model_dir):
     out = run(["--model", str(tiny_model_dir), "--max-new-tokens", "4", "--single-turn"], stdin="你好\n")
     assert out.returncode == 0 and out.stdout.endswith("\n") and "Traceback" not in out.stderr

@@ -243,3 +243,21 @@ def test_template_stop_string_ends_generation(engine):
     assert "".join(t for t, _ in out) == "Hi there" and out[-1][1]
     f = StopFilter(["\nHuman:"])
     assert f.feed("a\nHu")[0] == "a" and f.feed("go")[0] == "\nHugo"
+
+
+def test_dtype_and_8bit_weights(tiny_model_dir):
+    """bf16 and bitsandbytes 8-bit load and generate (bitsandbytes runs on this CPU too)."""
+    pytest.importorskip("bitsandbytes")
+    p = GenParams(max_new_tokens=4, **GREEDY)
+    with load_engine(str(tiny_model_dir), dtype="bf16") as eng:
+        assert eng.model.dtype == torch.bfloat16 and text_of(eng.stream(CHAT, p))[1].completion_tokens == 4
+    with load_engine(str(tiny_model_dir), load_in_8bit=True) as eng:
+        assert type(eng.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+        assert text_of(eng.stream(CHAT, p))[1].completion_tokens == 4
+    with pytest.raises(ZhtuneError, match="both"):
+        load_engine(str(tiny_model_dir), load_in_8bit=True, load_in_4bit=True)
+    with pytest.raises(ZhtuneError) as exc:
+        load_engine(str(tiny_model_dir), dtype="fp8")
+    assert exc.value.where == "--dtype"
+    with pytest.raises(ZhtuneError, match="unknown option"):
+        load_engine(str(tiny_model_dir), n_threads=2)

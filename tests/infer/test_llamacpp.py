@@ -23,14 +23,6 @@ CONVS = [
 
 
 @pytest.fixture(scope="session")
-def gguf_file(tmp_path_factory, tiny_model_dir):
-    from zhtune.export.gguf import export_gguf
-
-    out = tmp_path_factory.mktemp("gguf") / "tiny.f16.gguf"
-    return export_gguf(tiny_model_dir, out, quant="f16", modelfile=False, log=lambda *a: None)
-
-
-@pytest.fixture(scope="session")
 def cpp(gguf_file):
     eng = load_engine(str(gguf_file), n_threads=2)
     yield eng
