@@ -98,3 +98,22 @@ def test_convert_meta_cli_errors(tmp_path, tiny_model_dir):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ZhtuneError, match="model-parallel"):
         meta.hf_to_meta(tiny_model_dir, tmp_path / "p3", num_shards=3)
+
+
+def test_context_length_and_tied_embeddings(tmp_path, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    llama1 = meta.config_from_params({"dim": 64, "n_layers": 2, "n_heads": 4, "norm_eps": 1e-6, "multiple_of": 128}, 1000)
+    llama2 = meta.config_from_params({"dim": 64, "n_layers": 2, "n_heads": 4, "norm_eps": 1e-5, "multiple_of": 128}, 1000)
+    assert (llama1["max_position_embeddings"], llama2["max_position_embeddings"]) == (2048, 4096)
+    assert meta.config_from_params({"dim": 64, "n_layers": 2, "n_heads": 4}, 1000, 8192)["max_position_embeddings"] == 8192
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_model_dir, tied)
+    sd = load_file(str(tied / "model.safetensors"))
+    del sd["lm_head.weight"]
+    save_file(sd, str(tied / "model.safetensors"))
+    pth = meta.hf_to_meta(tied, tmp_path / "pth", num_shards=1)
+    rank0 = torch.load(pth / "consolidated.00.pth", weights_only=True)
+    assert torch.equal(rank0["output.weight"], sd["model.embed_tokens.weight"])

@@ -123,7 +123,7 @@ def params_from_config(config: dict) -> dict:
     return params
 
 
-def config_from_params(params: dict, vocab_size: int) -> dict:
+def config_from_params(params: dict, vocab_size: int, context_length: int | None = None) -> dict:
     """params.json -> config.json (dict) for LlamaForCausalLM (transformers 5: rope_parameters)."""
     from transformers import LlamaConfig
 
@@ -135,8 +135,9 @@ def config_from_params(params: dict, vocab_size: int) -> dict:
             num_hidden_layers=int(params["n_layers"]), num_attention_heads=n_heads,
             num_key_value_heads=int(params.get("n_kv_heads") or n_heads),
             rms_norm_eps=float(params.get("norm_eps", 1e-5)),
-            max_position_embeddings=int(params.get("max_seq_len", 4096 if vocab_size > 32000 or
-                                                   params.get("n_kv_heads") else 2048)),
+            # params.json rarely says; LLaMA-1 (norm_eps 1e-6) was trained on 2048, later ones on 4096+
+            max_position_embeddings=int(context_length or params.get("max_seq_len") or
+                                        (2048 if float(params.get("norm_eps", 1e-5)) <= 1e-6 else 4096)),
             rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
         )
@@ -180,9 +181,12 @@ def hf_to_meta(hf_dir: str | Path, out_dir: str | Path, num_shards: int | None =
     out_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(n):
         shard = {}
-        for name in reader.names():
+        names = reader.names()
+        if "lm_head.weight" not in names:  # tied embeddings: Meta's layout always has its own output
+            names = names + ["lm_head.weight"]
+        for name in names:
             meta = hf_to_meta_name(name)
-            w = reader.get(name)
+            w = reader.get(name if name in reader.names() else "model.embed_tokens.weight")
             if dtype is not None:
                 w = w.to(dtype)
             if meta.endswith("attention.wq.weight"):
@@ -221,7 +225,8 @@ def _meta_files(input_dir: Path, model_size: str | None) -> tuple[Path, list[Pat
 
 
 def meta_to_hf(input_dir: str | Path, output_dir: str | Path, model_size: str | None = None,
-               max_shard_size: int = 2 * 1000**3, dtype=None, overwrite: bool = False) -> Path:
+               max_shard_size: int = 2 * 1000**3, dtype=None, overwrite: bool = False,
+               context_length: int | None = None) -> Path:
     """Convert Meta's layout to an HF folder (safetensors shards + index, config, tokenizer)."""
     import torch
 
@@ -240,7 +245,7 @@ def meta_to_hf(input_dir: str | Path, output_dir: str | Path, model_size: str | 
     if params.get("vocab_size", -1) > 0 and int(params["vocab_size"]) != vocab:
         raise ZhtuneError(f"params.json vocab_size={params['vocab_size']} but tok_embeddings has {vocab} rows",
                           where=str(folder / "params.json"), expected="matching vocab sizes")
-    config = config_from_params(params, vocab)
+    config = config_from_params(params, vocab, context_length)
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
 
     def split_dim(meta_name: str) -> int | None:
@@ -298,11 +303,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="output dtype (default: as stored)")
     parser.add_argument("--max-shard-size", default="2GB", type=parse_size, help="largest output shard")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="max_position_embeddings (default: 2048 for LLaMA-1, 4096 for later ones)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     import torch
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = meta_to_hf(args.input, args.output, args.model_size, args.max_shard_size, dtype, args.overwrite)
+    out = meta_to_hf(args.input, args.output, args.model_size, args.max_shard_size, dtype, args.overwrite,
+                     args.context_length)
     print(f"已转换 converted: {args.input} -> {out}")
     return 0
