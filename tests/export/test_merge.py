@@ -195,3 +195,28 @@ def test_lora_on_embeddings(tmp_path, tiny_model_dir, base_tokenizer_dir):
     assert verify_merge(tiny_model_dir, [tmp_path / "emb"], out, log=lambda *_: None).max_abs_diff <= 1e-4
     assert not torch.equal(_tensors(out)["model.embed_tokens.weight"],
                            _tensors(tiny_model_dir)["model.embed_tokens.weight"])
+
+
+def test_trainable_tokens_grow_the_vocabulary(tmp_path, tiny_model_dir, big_tokenizer_dir):
+    """Vocabulary grown with peft trainable tokens (new rows of embed_tokens and lm_head) instead
+    of modules_to_save: the merge takes the resized weights and the trained rows."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model.resize_token_embeddings(1040)
+    new = list(range(1000, 1040))
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["v_proj"],
+                                            trainable_token_indices={"embed_tokens": new, "lm_head": new}))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft.save_pretrained(str(tmp_path / "tt"))
+    for f in big_tokenizer_dir.iterdir():
+        shutil.copy2(f, tmp_path / "tt" / f.name)
+    out = M.merge(tiny_model_dir, [tmp_path / "tt"], tmp_path / "m", log=lambda *_: None)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 1040
+    assert verify_merge(tiny_model_dir, [tmp_path / "tt"], out, log=lambda *_: None).max_abs_diff <= 1e-4

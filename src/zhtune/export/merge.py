@@ -303,8 +303,9 @@ def load_adapter(path: str | Path) -> Adapter:
             continue  # the untrained copy peft keeps beside a modules_to_save module
         elif name.endswith(".modules_to_save.weight"):  # the trained copy (wins over a plain duplicate)
             trained[name.removesuffix(".modules_to_save.weight") + ".weight"] = lazy
-        elif name.endswith(".base_layer.weight"):
-            ad.full[name.removesuffix(".base_layer.weight") + ".weight"] = lazy
+        elif name.endswith(".base_layer.weight"):  # the (resized) weight under a LoRA / token adapter
+            module = name.removesuffix(".base_layer.weight").removesuffix(".token_adapter")
+            ad.full[module + ".weight"] = lazy
         elif name.endswith(".weight") and "lora_" not in name:
             ad.full[name] = lazy
         else:
