@@ -593,15 +593,15 @@ def main(argv: list[str]) -> int:
         zhtune merge --base llama-13b-hf --lora sft_lora_model --output merged-pth/ --format pth --dtype float16
         """,
     )
-    parser.add_argument("--base", default=None, help="HF base model folder (default: from the adapter's run.yaml)")
+    parser.add_argument("--base", default=None, help="HF base model folder; when omitted, the one the adapter's run.yaml names")
     parser.add_argument("--lora", action="append", required=True, help="adapter folder; repeat to apply several in order")
     parser.add_argument("--output", required=True, help="new output folder")
     parser.add_argument("--format", choices=["hf", "pth"], default="hf", help="hf: safetensors; pth: Meta's layout")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                        help="output dtype (default: the base's)")
+                        help="output dtype; None keeps the base's")
     parser.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors shard (hf)")
     parser.add_argument("--num-shards", type=int, default=None,
-                        help="model-parallel consolidated.NN.pth files (pth; default: as Meta ships that size)")
+                        help="model-parallel consolidated.NN.pth files (pth); None: as Meta ships that size")
     parser.add_argument("--verify", action="store_true", help="compare logits with base + adapters through peft")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)

@@ -301,10 +301,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, help="new HF model folder")
     parser.add_argument("--model-size", default=None, help="subfolder of --input to convert (7B, 13B, ...)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                        help="output dtype (default: as stored)")
+                        help="output dtype; None keeps the stored one")
     parser.add_argument("--max-shard-size", default="2GB", type=parse_size, help="largest output shard")
     parser.add_argument("--context-length", type=int, default=None,
-                        help="max_position_embeddings (default: 2048 for LLaMA-1, 4096 for later ones)")
+                        help="max_position_embeddings; None: 2048 for LLaMA-1, 4096 for later ones")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     import torch
