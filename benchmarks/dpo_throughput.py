@@ -9,7 +9,8 @@ Each measurement builds the trainer through zhtune's own dpo stage (prepare_poli
 build_preference_dataset -> make_preference_trainer) and times optimizer steps after --warmup steps.
 A DPO step is a policy forward+backward on chosen and rejected rows plus a no-grad reference forward
 (LoRA: the adapter disabled; full: log-probs precomputed once before training, not timed).
-samples/s = preference pairs per second; tokens/s = non-padding tokens of chosen and rejected rows.
+samples/s = preference pairs per second; tokens/s = non-padding tokens of chosen and rejected rows;
+"per CPU-second" divides by this process's CPU time instead of wall time (steadier on a shared machine).
 Columns alternate (lora, full, lora, full, ...) and the medians over --repeats are shown.
 """
 
@@ -66,15 +67,19 @@ def measure(model_dir: Path, out: Path, finetuning: str, steps: int, warmup: int
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
-                marks["t0"], marks["n0"] = time.perf_counter(), state.num_input_tokens_seen
+                marks["t0"], marks["c0"], marks["n0"] = time.perf_counter(), time.process_time(), \
+                    state.num_input_tokens_seen
             if state.global_step == warmup + steps:
-                marks["t1"], marks["n1"] = time.perf_counter(), state.num_input_tokens_seen
+                marks["t1"], marks["c1"], marks["n1"] = time.perf_counter(), time.process_time(), \
+                    state.num_input_tokens_seen
 
     trainer.add_callback(Clock())
     trainer.train()
-    seconds = marks["t1"] - marks["t0"]
+    seconds, cpu = marks["t1"] - marks["t0"], marks["c1"] - marks["c0"]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    # per CPU-second of this process: far steadier than wall time on a machine shared with other jobs
     return {"samples_s": steps * batch / seconds, "tokens_s": (marks["n1"] - marks["n0"]) / seconds,
+            "samples_cpu_s": steps * batch / cpu, "tokens_cpu_s": (marks["n1"] - marks["n0"]) / cpu,
             "trainable": trainable}
 
 
@@ -100,16 +105,21 @@ def main() -> None:
             for kind in ("lora", "full"):
                 results[kind].append(measure(model_dir, root / f"out-{kind}-{r}", kind, args.steps, args.warmup,
                                              args.batch))
-                print(f"  repeat {r + 1} {kind}: {results[kind][-1]['samples_s']:.2f} pairs/s, "
-                      f"{results[kind][-1]['tokens_s']:.0f} tokens/s", flush=True)
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("samples_s", "tokens_s")} for k, v in results.items()}
+                last = results[kind][-1]
+                print(f"  repeat {r + 1} {kind}: {last['samples_s']:.2f} pairs/s, {last['tokens_s']:.0f} tokens/s; "
+                      f"per CPU-second {last['samples_cpu_s']:.2f} pairs, {last['tokens_cpu_s']:.0f} tokens", flush=True)
+    metrics = ("samples_s", "tokens_s", "samples_cpu_s", "tokens_cpu_s")
+    med = {k: {m: statistics.median(x[m] for x in v) for m in metrics} for k, v in results.items()}
     print(f"\nDPO throughput, hidden {args.hidden} x {args.layers} layers, batch {args.batch} pairs, "
           f"{args.threads} threads, median of {args.repeats} x {args.steps} steps")
-    print(f"| finetuning | trainable params | pairs/s | tokens/s | ratio to full |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| finetuning | trainable params | pairs/s | tokens/s | pairs per CPU-s | tokens per CPU-s | "
+          "ratio to full (wall) | ratio to full (CPU) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind in ("lora", "full"):
-        print(f"| {kind} | {results[kind][0]['trainable']:,} | {med[kind]['samples_s']:.2f} | "
-              f"{med[kind]['tokens_s']:.0f} | {med[kind]['samples_s'] / med['full']['samples_s']:.2f}x |")
+        m = med[kind]
+        print(f"| {kind} | {results[kind][0]['trainable']:,} | {m['samples_s']:.2f} | {m['tokens_s']:.0f} | "
+              f"{m['samples_cpu_s']:.2f} | {m['tokens_cpu_s']:.0f} | {m['samples_s'] / med['full']['samples_s']:.2f}x | "
+              f"{m['samples_cpu_s'] / med['full']['samples_cpu_s']:.2f}x |")
 
 
 if __name__ == "__main__":
