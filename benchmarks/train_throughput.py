@@ -1,0 +1,261 @@
+"""SFT training throughput: `zhtune train` (packing) vs a plain transformers+peft script padding to cutoff_len.
+
+    python benchmarks/train_throughput.py                 # ~6-9 minutes on 2 CPU cores
+    python benchmarks/train_throughput.py --repeats 1     # quicker, noisier
+
+Same random Llama (hidden 512, 8 layers, vocabulary of Chinese-LLaMA's merged size 49953), same
+LoRA (rank 8 on every linear projection), same data (the Chinese alpaca asset repeated), same batch
+size and number of optimizer steps, all in one run. Reports effective tokens/s (label tokens that
+are not padding: what the loss learns from), model FLOP utilisation against this CPU's matmul rate
+measured in the same run, and the ratio to the plain script; each column is a fresh process, the
+columns are interleaved, and the medians over --repeats are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 49953          # Chinese-LLaMA's merged vocabulary
+TEMPLATE = "chinese-alpaca"
+LORA = dict(r=8, lora_alpha=32, lora_dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+# --- setup: tokenizer, model, data (built once per run, shared by every column) ------------------------
+
+def setup(work: Path, repeat: int, hidden: int, layers: int) -> dict:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import torch
+
+    from zhtune import tiny
+    from zhtune.vocab.hf import write_hf_tokenizer
+
+    model_dir = work / "model"
+    # a SentencePiece model that knows Chinese (trained on the shipped corpora), padded with unused
+    # tokens to the merged vocabulary's size so the output layer costs what it costs on Chinese-LLaMA
+    sp = tiny.train_base_sp(tiny.asset_lines("zh_corpus.txt") + tiny.asset_lines("en_corpus.txt"),
+                            work / "sp" / "tokenizer.model", vocab_size=8000)
+    write_hf_tokenizer(sp, work / "tok")
+    tok = AutoTokenizer.from_pretrained(str(work / "tok"))
+    tok.add_tokens([f"<unused_{i}>" for i in range(VOCAB - len(tok))], special_tokens=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 32 * 32 + 32,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    # keep what makes the folder load with sentencepiece's ids (see zhtune/vocab/hf.py)
+    keep = json.loads((work / "tok" / "tokenizer_config.json").read_text())
+    saved = json.loads((model_dir / "tokenizer_config.json").read_text())
+    saved.update({k: v for k, v in keep.items() if k in ("tokenizer_class", "add_bos_token", "add_eos_token", "legacy")})
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(saved))
+    (model_dir / "tokenizer.model").write_bytes(sp.read_bytes())
+    rows = [json.loads(x) for x in tiny.asset("sft_qa.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    data = tiny.write_jsonl(work / "sft.jsonl", rows * repeat)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"model": str(model_dir), "data": str(data), "params": n_params, "hidden": hidden, "layers": layers}
+
+
+def matmul_rate(dtype_name: str, n: int = 2048, reps: int = 7) -> float:
+    """This CPU's dense matmul rate (FLOP/s, median), the peak MFU is measured against."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+# --- the columns (each runs in its own process) --------------------------------------------------------
+
+def sample_lengths(tok, rows: list[dict], cutoff: int) -> list[tuple[int, int]]:
+    """(tokens, label tokens) of each record as both columns build it: prompt and answer tokenised
+    apart, the answer (with EOS) carries the loss; the prompt text comes from the template registry."""
+    from zhtune.data.templates import get_template
+
+    template = get_template(TEMPLATE)
+    out = []
+    for r in rows:
+        user = f"{r['instruction']}\n{r['input']}" if r.get("input") else r["instruction"]
+        (prompt, answer), = template.encode_pairs([{"role": "user", "content": user},
+                                                   {"role": "assistant", "content": r["output"]}],
+                                                  tok.bos_token, tok.eos_token)
+        p, a = (tok(x, add_special_tokens=False)["input_ids"] for x in (prompt, answer))
+        out.append((p, a))
+    return out
+
+
+def run_plain(env: dict, steps: int, batch: int, cutoff: int, bf16: bool) -> dict:
+    """The seeds' way: every sample padded to cutoff_len, attention_mask, Trainer + peft LoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+
+    tok = AutoTokenizer.from_pretrained(env["model"])
+    rows = [json.loads(x) for x in Path(env["data"]).read_text(encoding="utf-8").splitlines()][: steps * batch]
+    features, real, labelled, attn = [], 0, 0, 0
+    for p, a in sample_lengths(tok, rows, cutoff):
+        ids = (p + a)[:cutoff]
+        labels = ([-100] * len(p) + a)[:cutoff]
+        n = len(ids)
+        real, labelled, attn = real + n, labelled + sum(x != -100 for x in labels[1:]), attn + n * (n + 1) // 2
+        pad = cutoff - n
+        features.append({"input_ids": ids + [tok.eos_token_id] * pad, "labels": labels + [-100] * pad,
+                         "attention_mask": [1] * n + [0] * pad})
+    model = AutoModelForCausalLM.from_pretrained(env["model"], dtype=torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    args = TrainingArguments(output_dir=env["out"], per_device_train_batch_size=batch, max_steps=steps,
+                             learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none",
+                             use_cpu=True, bf16=bf16, seed=42, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=default_data_collator)
+    metrics = trainer.train().metrics
+    return {"seconds": metrics["train_runtime"], "steps": steps, "tokens": real, "label_tokens": labelled,
+            "attention_pairs": attn, "loss": metrics["train_loss"]}
+
+
+def run_zhtune(env: dict, steps: int, batch: int, cutoff: int, bf16: bool) -> dict:
+    """`zhtune train stage=sft packing=true`: one epoch over the packed rows (counted by the driver)."""
+    from zhtune.train.run import main
+
+    argv = ["stage=sft", f"model_name_or_path={env['model']}", f"dataset=[{env['data']}]", f"template={TEMPLATE}",
+            f"cutoff_len={cutoff}", "packing=true", f"per_device_train_batch_size={batch}", "num_train_epochs=1",
+            "learning_rate=2e-4", "logging_steps=1", "save_steps=100000", "lora_rank=8", "lora_alpha=32",
+            "lora_dropout=0.05", f"bf16={str(bf16).lower()}", f"output_dir={env['out']}",
+            f"data_cache={env['cache']}", f"max_samples={env['zh_samples']}"]
+    assert main(argv) == 0
+    result = json.loads((Path(env["out"]) / "train_results.json").read_text())
+    return {"seconds": result["train_runtime"], "loss": result.get("train_loss"), **env["zh_data"]}
+
+
+def column_main(args) -> None:
+    env = json.loads(args.env)
+    env["out"] = tempfile.mkdtemp(prefix="out-", dir=env["work"])
+    fn = run_plain if args.column == "plain" else run_zhtune
+    result = fn(env, args.steps, args.batch, args.cutoff, args.bf16)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- the driver ----------------------------------------------------------------------------------------
+
+def flops(r: dict, env: dict) -> float:
+    """Useful model FLOPs: LoRA training costs forward 2N + backward-to-activations 2N per token (frozen
+    weights get no gradient). The decoder layers' N counts for every real (non-padding) token, the
+    output layer's only where a label needs its logits; causal attention adds 12 * layers * hidden
+    per (query, key) pair within a sample. Padding and unneeded logits are waste, not useful work."""
+    n_head = VOCAB * env["hidden"]
+    n_layers = env["params"] - 2 * n_head                      # embedding lookup: no matmul
+    return (4 * n_layers * r["tokens"] + 4 * n_head * r["label_tokens"]
+            + 12 * env["layers"] * env["hidden"] * r["attention_pairs"])
+
+
+def run_column(name: str, bf16: bool, env: dict, args) -> dict:
+    cmd = [sys.executable, __file__, "--column", "plain" if name.startswith("plain") else "zhtune",
+           "--env", json.dumps(env), "--steps", str(args.steps), "--batch", str(args.batch),
+           "--cutoff", str(args.cutoff)] + (["--bf16"] if bf16 else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"column {name} failed")
+    return json.loads(lines[-1][7:])
+
+
+def zhtune_data(env: dict, steps: int, batch: int, cutoff: int) -> tuple[int, dict]:
+    """Records that make about `steps` optimizer steps of packed rows, and what those rows hold."""
+    from transformers import AutoTokenizer
+
+    from zhtune.config import TrainConfig
+    from zhtune.data.sft import build_sft_dataset
+    from zhtune.data.templates import get_template
+
+    tok = AutoTokenizer.from_pretrained(env["model"])
+    rows = [json.loads(x) for x in Path(env["data"]).read_text(encoding="utf-8").splitlines()]
+    per_sample = sum(len(p) + len(a) for p, a in sample_lengths(tok, rows[:48], cutoff)) / 48
+    n = int(steps * batch * cutoff * 0.92 / per_sample)
+    cfg = TrainConfig(stage="sft", dataset=[env["data"]], template=TEMPLATE, cutoff_len=cutoff, packing=True,
+                      max_samples=n)
+    bundle = build_sft_dataset(cfg, tok, get_template(TEMPLATE))
+    attn = sum(p + 1 for pos in bundle.train["position_ids"] for p in pos)
+    return n, {"steps": -(-len(bundle.train) // batch), "tokens": bundle.stats["tokens"],
+               "label_tokens": bundle.stats["label_tokens"], "attention_pairs": attn,
+               "packing_efficiency": bundle.stats["packing_efficiency"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per column")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--cutoff", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2, help="runs of every column (median reported)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast columns")
+    ap.add_argument("--column", help=argparse.SUPPRESS)
+    ap.add_argument("--env", help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.column:
+        return column_main(args)
+
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="zhtune-bench-"))
+    env = setup(work, repeat=40, hidden=args.hidden, layers=args.layers)
+    env.update(work=str(work), cache=str(work / "cache"))
+    env["zh_samples"], env["zh_data"] = zhtune_data(env, args.steps, args.batch, args.cutoff)
+    args.steps = env["zh_data"]["steps"]          # the plain script runs as many steps as zhtune's epoch
+    columns = [("plain fp32", False), ("zhtune fp32", False)]
+    if not args.no_bf16:
+        columns += [("plain bf16", True), ("zhtune bf16", True)]
+    print(f"model: Llama {env['params'] / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}), "
+          f"LoRA r=8 on all linears; batch {args.batch}, cutoff_len {args.cutoff}, {args.steps} steps; "
+          f"torch threads {torch.get_num_threads()}; work dir {work}", flush=True)
+    results: dict[str, list[dict]] = {name: [] for name, _ in columns}
+    peaks: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for rep in range(args.repeats):
+        for name, bf16 in columns:
+            for dt in peaks:
+                peaks[dt].append(matmul_rate(dt))
+            r = run_column(name, bf16, env, args)
+            results[name].append(r)
+            print(f"  [{rep + 1}/{args.repeats}] {name}: {r['steps']} steps in {r['seconds']:.1f}s, "
+                  f"{r['label_tokens'] / r['seconds']:.1f} label tok/s, loss {r['loss']:.3f}", flush=True)
+    report(results, peaks, env, args)
+
+
+def report(results: dict, peaks: dict, env: dict, args) -> None:
+    peak = {dt: statistics.median(v) for dt, v in peaks.items()}
+    base = statistics.median(r["label_tokens"] / r["seconds"] for r in results["plain fp32"])
+    print(f"\nmatmul 2048² (median): fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s")
+    head = "| column | steps | tokens/step (non-pad) | label tokens/step | effective tok/s | vs plain fp32 | MFU |"
+    print(head + "\n|" + " --- |" * 7)
+    for name, runs in results.items():
+        rate = statistics.median(r["label_tokens"] / r["seconds"] for r in runs)
+        mfu = statistics.median(flops(r, env) / r["seconds"] for r in runs) / peak["bfloat16" if "bf16" in name else "float32"]
+        r = runs[0]
+        print(f"| {name} | {r['steps']} | {r['tokens'] / r['steps']:.0f} | {r['label_tokens'] / r['steps']:.0f} | "
+              f"{rate:.1f} | {rate / base:.2f}× | {mfu * 100:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
