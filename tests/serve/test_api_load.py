@@ -161,6 +161,35 @@ def test_queue_bound_answers_503(api_engine, serve_app, wait_idle):
         assert wait_idle(client, url)["pending_generations"] == 0
 
 
+def test_client_leaving_while_queued_frees_its_place(api_engine, serve_app):
+    app = create_app(api_engine, served_model_name="tiny", max_concurrency=1, max_queue=2)
+    with serve_app(app) as url, httpx.Client(timeout=60) as client:
+        def pending() -> int:
+            return client.get(f"{url}/health").json()["pending_generations"]
+
+        def wait_for(count: int, seconds: float = 20) -> None:
+            deadline = time.monotonic() + seconds
+            while pending() != count:
+                assert time.monotonic() < deadline, f"pending stayed at {pending()}, expected {count}"
+                time.sleep(0.02)
+
+        with client.stream("POST", f"{url}/v1/chat/completions", json=_slow_body(True)) as running:
+            lines = running.iter_lines()
+            next(lines)
+            host = urlparse(url)
+            body = json.dumps(_slow_body(True)).encode()
+            with socket.create_connection((host.hostname, host.port)) as sock:   # queued behind `running`
+                sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host.hostname}\r\n"
+                              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                             + body)
+                wait_for(2)
+            # it left while queued: its place is freed at once, long before `running` (480 tokens) ends
+            wait_for(1, seconds=3)
+            assert client.get(f"{url}/health").json()["active_generations"] == 1
+            assert "[DONE]" not in next(lines)
+        wait_for(0)
+
+
 def test_event_loop_stays_responsive_during_generation(api_url):
     with httpx.Client(timeout=60) as client:
         worker = threading.Thread(target=client.post, args=(f"{api_url}/v1/chat/completions",),

@@ -322,7 +322,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     reply = Reply(chat=True, head={"id": new_id("chatcmpl"), "created": now(), "model": req.model},
                   jobs=[(messages, seeded(params, i)) for i in range(req.n)], prompt_tokens=[prompt_tokens])
     if req.stream:
-        return await _streaming(srv, reply, bool(req.stream_options and req.stream_options.include_usage))
+        return await _streaming(srv, request, reply, bool(req.stream_options and req.stream_options.include_usage))
     return await _complete(srv, request, reply)
 
 
@@ -346,7 +346,7 @@ async def completions(req: CompletionRequest, request: Request):
     reply = Reply(chat=False, head={"id": new_id("cmpl"), "created": now(), "model": req.model}, jobs=jobs,
                   prompt_tokens=counts, echo=[p for p in prompts for _ in range(req.n)] if req.echo else None)
     if req.stream:
-        return await _streaming(srv, reply, bool(req.stream_options and req.stream_options.include_usage))
+        return await _streaming(srv, request, reply, bool(req.stream_options and req.stream_options.include_usage))
     return await _complete(srv, request, reply)
 
 
@@ -417,7 +417,7 @@ async def _complete(srv: Server, request: Request, reply: Reply) -> dict:
     return {**reply.head, "object": kind, "choices": choices, "usage": reply.usage(finals)}
 
 
-async def _unless_disconnected(request: Request, work) -> None:
+async def _unless_disconnected(request: Request, work):
     """Await `work`; if the client disconnects first, cancel it (which cancels its generations)."""
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -432,17 +432,22 @@ async def _unless_disconnected(request: Request, work) -> None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise APIError(499, "client disconnected", code="client_disconnected")
-    task.result()  # re-raise what the generation raised
+    return task.result()  # or re-raise what the generation raised
 
 
-async def _streaming(srv: Server, reply: Reply, include_usage: bool) -> EventSourceResponse:
+async def _streaming(srv: Server, request: Request, reply: Reply, include_usage: bool) -> EventSourceResponse:
     events = srv.runner.stream(reply.jobs)
+
+    async def first_delta():
+        try:
+            return await events.__anext__()
+        except StopAsyncIteration:
+            return None
+
     # wait for the first delta before answering 200, so a refused request (503, prompt too long,
-    # a bad parameter the engine found) still gets its proper status and error JSON
-    try:
-        first = await events.__anext__()
-    except StopAsyncIteration:
-        first = None
+    # a bad parameter the engine found) still gets its proper status and error JSON; a client that
+    # leaves while queued cancels here
+    first = await _unless_disconnected(request, first_delta())
     return EventSourceResponse(_sse(reply, events, first, include_usage), sep="\n", ping=15)
 
 
