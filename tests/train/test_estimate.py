@@ -160,3 +160,22 @@ def test_merge_ram_is_the_largest_tensor_not_the_model():
     shape = E.PRESETS["llama-7b"]
     ram, _ = E.merge_ram("llama-7b", shape, adapter_bytes=0)
     assert ram < 0.2 * shape.params * 2 + E.PROCESS_BASE_RAM   # far below the 13.5 GB of fp16 weights
+
+
+def test_full_finetuning_bytes_per_parameter_follow_the_precision():
+    """Full fine-tuning without DeepSpeed: bf16 weights/grads/moments (2+2+4 bytes per parameter), or
+    with fp16 autocast fp32 weights, grads and moments (4+4+8), as model/load.py loads them;
+    DeepSpeed: 16-bit weights and grads + fp32 master and moments (2+2+12)."""
+    shape = E.PRESETS["llama-7b"]
+    n = shape.params
+
+    def static(**kw):
+        est = E.estimate(shape, _plan(finetuning_type="full", **kw))
+        return (est.parts["weights"] + est.parts["gradients"] + est.parts["optimizer states"]) / n
+
+    assert static() == pytest.approx(8)
+    assert static(fp32_master=True) == pytest.approx(16)
+    assert static(zero_stage=2) == pytest.approx(16)
+    cfg = load_config(TrainConfig, None, ["model_name_or_path=llama-7b", "finetuning_type=full", "fp16=true",
+                                          "bf16=false"], TRAIN_ALIASES)
+    assert E.plan_from_config(cfg).fp32_master

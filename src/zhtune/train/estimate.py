@@ -145,6 +145,7 @@ class Plan:
     reference_adapter: bool = False         # dpo on peft_path: TRL keeps a frozen copy of the adapter
     gradient_checkpointing: bool = False
     half: bool = True                       # bf16/fp16 weights and activations (GPU default); False = fp32
+    fp32_master: bool = False               # full fine-tuning with fp16 autocast: zhtune keeps fp32 weights
     optim: str = "adamw_torch"
     zero_stage: int = 0                     # 0 = no DeepSpeed
     offload_optimizer: bool = False
@@ -186,6 +187,7 @@ def plan_from_config(cfg, num_gpus: int = 1, grew: bool = False) -> Plan:
         batch=cfg.per_device_train_batch_size, seq=cfg.cutoff_len, pairs=cfg.stage == "dpo",
         reference_adapter=cfg.stage == "dpo" and bool(cfg.peft_path) and cfg.pref_loss not in ("orpo", "simpo"),
         gradient_checkpointing=bool(cfg.gradient_checkpointing), half=cfg.bf16 is not False or cfg.fp16,
+        fp32_master=cfg.finetuning_type == "full" and cfg.fp16 and not cfg.deepspeed,
         optim=cfg.optim, zero_stage=stage, offload_optimizer=off_opt, offload_param=off_par, num_gpus=num_gpus)
 
 
@@ -261,7 +263,7 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
     elif plan.quantization_bit == 8:
         weights = shape.linear_params * 1.0 + shape.layers * 7 * shape.hidden * 4 + other * half
     else:
-        weights = shape.params * half
+        weights = shape.params * (4 if full and plan.fp32_master else half)
     if ds and plan.zero_stage == 3:
         weights = 0.0 if plan.offload_param else weights / n
         if plan.offload_param:
@@ -277,8 +279,8 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
         opt_per_param = _optimizer_bytes(plan.optim) + 4.0
     elif full:
         # the weights above are the trainable params; torch AdamW keeps its moments in the params' dtype
-        p_bytes, g_bytes = half, half
-        opt_per_param = _optimizer_bytes(plan.optim) * half / 4
+        p_bytes = g_bytes = 4 if plan.fp32_master else half
+        opt_per_param = _optimizer_bytes(plan.optim) * p_bytes / 4
     else:
         lora_dtype = half if plan.quantization_bit else 4
         p_bytes = (trainable_lora * lora_dtype + trainable_embed * half) / max(trainable, 1)
