@@ -86,7 +86,7 @@ def test_bad_keys_and_templates_are_named(tmp_path, tiny_model_dir):
     assert "learning_rate" in exc.value.hint
     with pytest.raises(ZhtuneError) as exc:
         main(_args(tiny_model_dir, out, "template=chinese-alpacca"))
-    assert "chinese-alpaca" in (exc.value.hint or "")
+    assert "chinese-alpaca" in (exc.value.hint or "") and exc.value.where == "template"
     with pytest.raises(ZhtuneError) as exc:
         main(_args(tiny_model_dir, out, "training_args={warmup_ratioo: 0.1}"))
     assert exc.value.where == "training_args.warmup_ratioo"

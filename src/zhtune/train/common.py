@@ -115,6 +115,17 @@ def run_parents(cfg) -> dict[str, str]:
             "peft_path": cfg.peft_path or "", "base_tokenizer": cfg.base_tokenizer or ""}
 
 
+def template_for(cfg):
+    """The config's chat template; an unknown name is an error that names the `template` key."""
+    from zhtune.data.templates import get_template
+
+    try:
+        return get_template(cfg.template)
+    except ZhtuneError as exc:
+        exc.where = exc.where or "template"
+        raise
+
+
 # --- model ------------------------------------------------------------------------------------
 
 def prepare_model(cfg, template=None):

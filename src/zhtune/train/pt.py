@@ -11,16 +11,15 @@ from pathlib import Path
 
 from zhtune.train.callbacks import describe_outputs, describe_setup
 from zhtune.train.common import (make_trainer, prepare_model, prepare_output_dir, record_run, run_parents,
-                                 save_outputs, train_and_evaluate)
+                                 save_outputs, template_for, train_and_evaluate)
 
 
 def run(cfg) -> Path:
     from zhtune.data.pretrain import build_pretrain_dataset
-    from zhtune.data.templates import get_template
     from zhtune.model.adapter import adapter_summary
 
     # --- setup: output folder (or the run to resume), model + adapter, data, Trainer
-    template = get_template(cfg.template)  # written into the saved tokenizer's chat_template for later stages
+    template = template_for(cfg)  # written into the saved tokenizer's chat_template for later stages
     parents = run_parents(cfg)
     out, resume = prepare_output_dir(cfg)
     tokenizer, model, expansion = prepare_model(cfg, template)

@@ -11,16 +11,15 @@ from pathlib import Path
 
 from zhtune.train.callbacks import describe_outputs, describe_setup
 from zhtune.train.common import (make_trainer, prepare_model, prepare_output_dir, record_run, run_parents,
-                                 save_outputs, train_and_evaluate)
+                                 save_outputs, template_for, train_and_evaluate)
 
 
 def run(cfg) -> Path:
     from zhtune.data.sft import build_sft_dataset
-    from zhtune.data.templates import get_template
     from zhtune.model.adapter import adapter_summary
 
     # --- setup: the template first (an unknown name fails before any loading), output folder, model, data
-    template = get_template(cfg.template)
+    template = template_for(cfg)
     parents = run_parents(cfg)
     out, resume = prepare_output_dir(cfg)
     tokenizer, model, expansion = prepare_model(cfg, template)  # installs the template's chat_template/tokens
