@@ -364,11 +364,15 @@ peak CPU RAM of `zhtune merge`. Takes the same CONFIG.yaml and key=value argumen
 """
 
 EXAMPLES = """
-zhtune estimate examples/chinese_llama_pt_lora.yaml --gpu-memory 24
+zhtune estimate examples/chinese_llama_pt_lora.yaml model_name_or_path=llama-7b --vocab-size 49953 --gpu-memory 24
 zhtune estimate model_name_or_path=llama-7b finetuning_type=lora cutoff_len=512 --gpu-memory 24
 zhtune estimate model_name_or_path=llama-65b finetuning_type=qlora lora_rank=64 gradient_checkpointing=true --gpu-memory 48
 zhtune estimate model_name_or_path=llama-2-70b finetuning_type=full deepspeed=examples/deepspeed/ds_zero3_offload.json --num-gpus 8 --gpu-memory 80
 """
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def render(shape: Shape, plan: Plan, est: Estimate, gpu_memory: float | None, merge: tuple[float, str]) -> str:
@@ -378,7 +382,7 @@ def render(shape: Shape, plan: Plan, est: Estimate, gpu_memory: float | None, me
     zero = f"ZeRO-{plan.zero_stage}" + (" +offload" if plan.offload_optimizer or plan.offload_param else "") \
         if plan.zero_stage else "no DeepSpeed"
     lines = [
-        f"模型 model: {shape.name}  ({shape.params / 1e9:.2f}B params, hidden {shape.hidden}, {shape.layers} layers, "
+        f"模型 model: {shape.name}  ({_count(shape.params)} params, hidden {shape.hidden}, {shape.layers} layers, "
         f"vocab {shape.vocab})",
         f"训练 plan:  {plan.finetuning_type}" + (f" {plan.quantization_bit}-bit" if plan.quantization_bit else "")
         + (f", r={plan.lora_rank}" if plan.finetuning_type != "full" else "")
