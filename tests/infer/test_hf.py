@@ -261,3 +261,14 @@ def test_dtype_and_8bit_weights(tiny_model_dir):
     assert exc.value.where == "--dtype"
     with pytest.raises(ZhtuneError, match="unknown option"):
         load_engine(str(tiny_model_dir), n_threads=2)
+
+
+def test_extreme_parameters_never_break_sampling(engine):
+    """Values inside the validated ranges but numerically extreme (what an API fuzzer sends)."""
+    for kw in ({"temperature": 1e-300}, {"temperature": 5.0, "repetition_penalty": 1e-30},
+               {"temperature": 1.0, "top_p": 1e-300, "top_k": 1}, {"temperature": 1.0, "repetition_penalty": 10.0,
+                                                                   "frequency_penalty": 2.0, "presence_penalty": -2.0}):
+        text, last = text_of(engine.stream(CHAT, GenParams(max_new_tokens=3, seed=0, **kw)))
+        assert last.completion_tokens == 3 or last.finish_reason == "stop", kw
+    text, last = text_of(engine.stream("", GenParams(max_new_tokens=2)))   # an empty raw prompt is just BOS
+    assert last.prompt_tokens == 1

@@ -519,7 +519,7 @@ class _Batch:
 
 
 def _sample(torch, r: _Request, logits) -> int:
-    """logits [vocab] -> next token id under r's parameters."""
+    """logits [vocab] -> next token id under r's parameters (never raises on extreme values)."""
     p = r.params
     if p.repetition_penalty != 1.0:   # transformers' rule: over prompt + generated tokens
         seen = r.all_ids[0]
@@ -527,17 +527,21 @@ def _sample(torch, r: _Request, logits) -> int:
         logits[seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
     if r.counts is not None:          # OpenAI's frequency/presence penalties (generated tokens only)
         logits -= p.frequency_penalty * r.counts + p.presence_penalty * (r.counts > 0).float()
-    if p.temperature == 0:
+    # penalties like 1e-30 overflow to inf: keep the order, drop the infinities
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    if p.temperature < 1e-5:          # 0 (and anything this close to it) is greedy
         return int(logits.argmax())
+    greedy = int(logits.argmax())
     logits = logits / p.temperature
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) > p.top_p   # keep the smallest set reaching top_p
+        probs_sorted = sorted_logits.softmax(-1)
+        remove = probs_sorted.cumsum(-1) - probs_sorted > p.top_p   # keep the smallest set reaching top_p
         logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
     probs = logits.softmax(-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return greedy
     return int(torch.multinomial(probs, 1, generator=r.rng))
-
