@@ -1,6 +1,6 @@
 """SFT training throughput: `zhtune train` (packing) vs a plain transformers+peft script padding to cutoff_len.
 
-    python benchmarks/train_throughput.py                 # ~6-9 minutes on 2 CPU cores
+    python benchmarks/train_throughput.py                 # ~8 minutes on 2 quiet CPU cores (much longer under load)
     python benchmarks/train_throughput.py --repeats 1     # quicker, noisier
 
 Same random Llama (hidden 512, 8 layers, vocabulary of Chinese-LLaMA's merged size 49953), same
@@ -203,7 +203,7 @@ def zhtune_data(env: dict, steps: int, batch: int, cutoff: int) -> tuple[int, di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per column")
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per column (about; zhtune runs whole epochs)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--cutoff", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2, help="runs of every column (median reported)")
