@@ -27,7 +27,8 @@ def load_documents(entries: list[str], cfg, skips: SkipCounter, where: str) -> t
         if fmt != "text":
             raise ZhtuneError(f"a {fmt} record in pre-training data", where=rec.source,
                               expected="plain text: .txt lines or {\"text\": ...} records",
-                              hint="stage=sft trains on instruction data; or map your text field with columns={text: yours}")
+                              hint="stage=sft trains on instruction data; "
+                                   "or map your text field with columns={text: yours}")
         text = to_text(rec)
         n_read += 1
         if not text.strip():

@@ -87,9 +87,9 @@ def tokenise_samples(entries: list[str], cfg, tokenizer, template, skips: SkipCo
 
     messages, sources, counts = load_conversations(entries, cfg, skips, where)
     raw = datasets.Dataset.from_dict({"messages": messages, "source": sources})
-    features = datasets.Features({"source": datasets.Value("string"), "input_ids": datasets.List(datasets.Value("int32")),
-                                  "labels": datasets.List(datasets.Value("int32")), "truncated": datasets.Value("bool"),
-                                  "n_labels": datasets.Value("int32")})
+    ints = datasets.List(datasets.Value("int32"))
+    features = datasets.Features({"source": datasets.Value("string"), "input_ids": ints, "labels": ints,
+                                  "truncated": datasets.Value("bool"), "n_labels": datasets.Value("int32")})
     ds = raw.map(tokenise_conversations, batched=True, batch_size=256, remove_columns=["messages"],
                  features=features, num_proc=_num_proc(cfg, len(raw)), desc="tokenising 分词",
                  fn_kwargs={"tokenizer": tokenizer, "template": template, "cutoff_len": cfg.cutoff_len,
