@@ -133,8 +133,11 @@ class LlamaCppEngine(Engine):
         params.n_threads = params.n_threads_batch = self._threads
         params.kv_unified = True
         params.no_perf = True
-        try:
-            return _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        try:   # quiet: llama.cpp warns that the unified cache exceeds one sequence's trained context
+            with suppress_stdout_stderr(disable=False):
+                return _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
         except ValueError as exc:
             raise ZhtuneError(f"llama.cpp cannot make a context of {params.n_ctx} tokens: {exc}",
                               where="n_ctx / n_parallel", hint="lower --n-parallel or n_ctx") from None

@@ -7,6 +7,7 @@ generation sliders, stop and clear buttons; Chinese labels with English alongsid
 from __future__ import annotations
 
 import sys
+import time
 
 from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import GenParams, PromptTooLong
@@ -36,8 +37,11 @@ def to_messages(history: list, system: str) -> list[dict]:
     return messages
 
 
-def respond_fn(engine):
-    """The streaming event handler: (message, history, system, sliders...) -> ("", history) updates."""
+def respond_fn(engine, update_every: float = 0.05):
+    """The streaming event handler: (message, history, system, sliders...) -> ("", history) updates.
+
+    Deltas are gathered for `update_every` seconds per page update: a browser re-rendering the
+    chat (markdown) on every token falls behind a fast model and stops answering clicks."""
     import gradio as gr
 
     def respond(message, history, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty):
@@ -56,13 +60,19 @@ def respond_fn(engine):
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield "", history
         stream = _open(engine, messages, params)
+        answer, shown, last = "", "", time.monotonic()
         try:
             for delta in stream:
-                if delta.text:
-                    history[-1] = {"role": "assistant", "content": _text(history[-1]["content"]) + delta.text}
+                answer += delta.text
+                if answer != shown and (delta.finish_reason or time.monotonic() - last >= update_every):
+                    history[-1] = {"role": "assistant", "content": answer}
+                    shown, last = answer, time.monotonic()
                     yield "", history
         finally:   # the stop button (or a closed page) closes this generator: cancel the generation
             stream.close()
+        if answer != shown:
+            history[-1] = {"role": "assistant", "content": answer}
+            yield "", history
 
     return respond
 
@@ -83,7 +93,8 @@ def _open(engine, messages: list[dict], params: GenParams):
             raise gr.Error(exc.render()) from None
 
 
-def build_app(engine, system: str | None = None, defaults: GenParams | None = None):
+def build_app(engine, system: str | None = None, defaults: GenParams | None = None,
+              update_every: float = 0.05):
     """The Gradio Blocks app for `engine` (not launched)."""
     import gradio as gr
 
@@ -110,7 +121,7 @@ def build_app(engine, system: str | None = None, defaults: GenParams | None = No
                 gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="重复惩罚 Repetition penalty"),
             ]
         inputs = [message, chatbot, system_box, *sliders]
-        respond = respond_fn(engine)
+        respond = respond_fn(engine, update_every)
         events = [
             message.submit(respond, inputs, [message, chatbot], api_name="chat", concurrency_limit=16),
             send.click(respond, inputs, [message, chatbot], api_name=False, concurrency_limit=16),
