@@ -31,7 +31,7 @@ class Step:
 @dataclass
 class Demo:
     work: Path
-    steps: dict = field(default_factory=lambda: {"pt": 200, "sft": 300, "dpo": 10})
+    steps: dict = field(default_factory=lambda: {"pt": 60, "sft": 150, "dpo": 10})
 
     def path(self, *parts: str) -> Path:
         return self.work.joinpath(*parts)
@@ -289,11 +289,21 @@ def main(argv: list[str]) -> int:
         """
         zhtune demo
         zhtune demo --workdir /tmp/zhtune-demo --overwrite
+        zhtune demo --steps pt=20,sft=40,dpo=4          # a quicker, rougher run
         """,
     )
     parser.add_argument("--workdir", default="zhtune-demo", help="folder for everything the demo writes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing work folder")
+    parser.add_argument("--steps", default="", metavar="pt=N,sft=N,dpo=N",
+                        help="training steps per stage (fewer: quicker, and the answers may be wrong)")
     args = parser.parse_args(argv)
+    steps = dict(Demo(Path(".")).steps)
+    for item in filter(None, args.steps.split(",")):
+        key, _, value = item.partition("=")
+        if key not in steps or not value.isdigit() or int(value) < 1:
+            raise ZhtuneError(f"cannot read --steps item {item!r}", where="--steps",
+                              expected="pt=N,sft=N,dpo=N with N >= 1")
+        steps[key] = int(value)
     work = Path(args.workdir).resolve()
     if work.exists() and any(work.iterdir()):
         if not args.overwrite:
@@ -303,7 +313,7 @@ def main(argv: list[str]) -> int:
 
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    demo = Demo(work)
+    demo = Demo(work, steps)
     print(f"zhtune demo — 工作目录 work folder: {work}", flush=True)
     start = time.perf_counter()
     for i, step in enumerate(STEPS, 1):
