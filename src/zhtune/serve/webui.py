@@ -37,14 +37,19 @@ def to_messages(history: list, system: str) -> list[dict]:
     return messages
 
 
-def respond_fn(engine, update_every: float = 0.05):
+def respond_fn(engine, update_every: float = 0.05, sessions: dict | None = None):
     """The streaming event handler: (message, history, system, sliders...) -> ("", history) updates.
 
     Deltas are gathered for `update_every` seconds per page update: a browser re-rendering the
-    chat (markdown) on every token falls behind a fast model and stops answering clicks."""
+    chat (markdown) on every token falls behind a fast model and stops answering clicks.
+    `sessions[session_hash]` holds the Stop / Clear flags the buttons set (Gradio's own `cancels=`
+    marks the chat "Error" in Gradio 6, so we stop the stream ourselves and keep the partial answer)."""
     import gradio as gr
 
-    def respond(message, history, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty):
+    sessions = {} if sessions is None else sessions
+
+    def respond(message, history, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                request=None):
         message = (message or "").strip()
         history = list(history or [])
         if not message:
@@ -56,6 +61,7 @@ def respond_fn(engine, update_every: float = 0.05):
                                repetition_penalty=float(repetition_penalty)).validate()
         except ZhtuneError as exc:
             raise gr.Error(exc.render()) from None
+        flags = sessions[getattr(request, "session_hash", None)] = {"stop": False, "clear": False}
         messages = to_messages(history, system) + [{"role": "user", "content": message}]
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield "", history
@@ -63,18 +69,35 @@ def respond_fn(engine, update_every: float = 0.05):
         answer, shown, last = "", "", time.monotonic()
         try:
             for delta in stream:
+                if flags["clear"]:
+                    return
+                if flags["stop"]:
+                    break
                 answer += delta.text
                 if answer != shown and (delta.finish_reason or time.monotonic() - last >= update_every):
                     history[-1] = {"role": "assistant", "content": answer}
                     shown, last = answer, time.monotonic()
                     yield "", history
-        finally:   # the stop button (or a closed page) closes this generator: cancel the generation
+        finally:   # Stop, Clear, or a closed page: cancel the generation in the engine
             stream.close()
         if answer != shown:
             history[-1] = {"role": "assistant", "content": answer}
             yield "", history
 
+    respond.__annotations__["request"] = gr.Request   # Gradio passes the request (session) by type
     return respond
+
+
+def _flag(sessions: dict, name: str):
+    def set_flag(request=None):
+        flags = sessions.get(getattr(request, "session_hash", None))
+        if flags is not None:
+            flags[name] = True
+
+    import gradio as gr
+
+    set_flag.__annotations__["request"] = gr.Request
+    return set_flag
 
 
 def _open(engine, messages: list[dict], params: GenParams):
@@ -121,13 +144,13 @@ def build_app(engine, system: str | None = None, defaults: GenParams | None = No
                 gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="重复惩罚 Repetition penalty"),
             ]
         inputs = [message, chatbot, system_box, *sliders]
-        respond = respond_fn(engine, update_every)
-        events = [
-            message.submit(respond, inputs, [message, chatbot], api_name="chat", concurrency_limit=16),
-            send.click(respond, inputs, [message, chatbot], api_name=False, concurrency_limit=16),
-        ]
-        stop.click(None, None, None, cancels=events, api_name=False)
-        clear.click(lambda: ("", []), None, [message, chatbot], cancels=events, api_name=False)
+        sessions: dict = {}
+        respond = respond_fn(engine, update_every, sessions)
+        message.submit(respond, inputs, [message, chatbot], api_name="chat", concurrency_limit=16)
+        send.click(respond, inputs, [message, chatbot], api_name=False, concurrency_limit=16)
+        stop.click(_flag(sessions, "stop"), None, None, queue=False, api_name=False)
+        clear.click(_flag(sessions, "clear"), None, None, queue=False, api_name=False).then(
+            lambda: ("", []), None, [message, chatbot], queue=False, api_name=False)
     return app
 
 
