@@ -7,8 +7,9 @@ of the same model), against the same engine driven directly (no HTTP) at the sam
 
 The server is the real CLI (`python -m zhtune serve`) in its own process; the client streams with
 httpx (`stream_options.include_usage`, so output tokens are the server's own counts). "direct" runs
-engine.stream in threads inside this process: the ratio served / direct is what HTTP + SSE + the
-server's scheduling cost. Every level runs `rounds` x concurrency requests (distinct prompts, greedy).
+engine.stream in threads inside this process (same prompts, same concurrency, alternating with the
+served runs): the ratio served / direct is what HTTP + SSE + the server's scheduling cost. Every level
+runs `rounds` x concurrency requests (distinct prompts, greedy); medians over `--repeats` passes.
 """
 
 from __future__ import annotations
@@ -108,18 +109,21 @@ async def _served_level(url: str, texts: list[str], concurrency: int, tokens: in
 def start_server(model: str, backend: str, max_concurrency: int) -> tuple[subprocess.Popen, str]:
     import httpx
 
+    log = tempfile.TemporaryFile("w+")   # a pipe nobody reads would block the server once full
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "zhtune", "serve", "--model", model, "--backend", backend,
                              "--port", str(port), "--served-model-name", "bench", "--max-concurrency",
                              str(max_concurrency), "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"zhtune serve exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"zhtune serve exited: {log.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc, url
@@ -129,17 +133,31 @@ def start_server(model: str, backend: str, max_concurrency: int) -> tuple[subpro
     raise RuntimeError("zhtune serve did not start in 300 s")
 
 
-def served(model: str, backend: str, levels: list[int], rounds: int, tokens: int) -> dict[int, dict]:
+def run_backend(model: str, backend: str, levels: list[int], rounds: int, tokens: int, repeats: int) -> dict:
+    """{(level, "served" | "direct"): medians over repeats}; served and direct alternate level by level
+    so both see the same machine load (this machine is shared and noisy)."""
+    from zhtune.infer.engine import load_engine
+
     proc, url = start_server(model, backend, max(levels))
+    options = {"n_parallel": max(levels)} if backend == "llamacpp" else {"max_batch_size": max(levels)}
+    engine = load_engine(model, backend=backend, **options)
+    runs: dict = {}
     try:
-        asyncio.run(_served_level(url, prompts(2), 1, 4))   # warm-up
-        return {c: asyncio.run(_served_level(url, prompts(rounds * c), c, tokens)) for c in levels}
+        asyncio.run(_served_level(url, prompts(2), 1, 4))   # warm-up both
+        _direct_level(engine, prompts(2), 1, 4)
+        for _ in range(repeats):
+            for c in levels:
+                texts = prompts(rounds * c)
+                runs.setdefault((c, "served"), []).append(asyncio.run(_served_level(url, texts, c, tokens)))
+                runs.setdefault((c, "direct"), []).append(_direct_level(engine, texts, c, tokens))
     finally:
+        engine.close()
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    return {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
 
 
 # --- the same engine, no HTTP ------------------------------------------------------------------------
@@ -173,24 +191,13 @@ def _direct_level(engine, texts: list[str], concurrency: int, tokens: int) -> di
     return summarize(results, time.perf_counter() - start)
 
 
-def direct(model: str, backend: str, levels: list[int], rounds: int, tokens: int) -> dict[int, dict]:
-    from zhtune.infer.engine import load_engine
-
-    options = {"n_parallel": max(levels)} if backend == "llamacpp" else {"max_batch_size": max(levels)}
-    engine = load_engine(model, backend=backend, **options)
-    try:
-        _direct_level(engine, prompts(2), 1, 4)
-        return {c: _direct_level(engine, prompts(rounds * c), c, tokens) for c in levels}
-    finally:
-        engine.close()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", default=["hf", "llamacpp"], choices=["hf", "llamacpp"])
     ap.add_argument("--levels", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency")
     ap.add_argument("--tokens", type=int, default=48, help="max_tokens per request")
+    ap.add_argument("--repeats", type=int, default=3, help="medians over this many passes")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--quant", default="q8_0", help="GGUF quantization for the llamacpp backend")
@@ -202,26 +209,31 @@ def main() -> None:
         n_params = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 4 / 1e6
         models = {"hf": str(model_dir)}
         if "llamacpp" in args.backends:
-            try:
-                from zhtune.export.gguf import export_gguf
-
-                models["llamacpp"] = str(export_gguf(model_dir, Path(tmp) / f"m.{args.quant}.gguf", args.quant,
-                                                     modelfile=False, log=lambda *_: None))
-            except Exception as exc:  # no llama.cpp here: measure what we can
-                print(f"llamacpp skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+            # exported in a child process: llama.cpp's threads left in this process slowed the server
+            # subprocess ~10x and sped up the in-process baseline (observed), skewing the comparison
+            out = Path(tmp) / f"m.{args.quant}.gguf"
+            code = ("import sys; from zhtune.export.gguf import export_gguf; "
+                    "export_gguf(sys.argv[1], sys.argv[2], sys.argv[3], modelfile=False, log=lambda *_: None)")
+            done = subprocess.run([sys.executable, "-c", code, str(model_dir), str(out), args.quant],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                models["llamacpp"] = str(out)
+            else:  # no llama.cpp here: measure what we can
+                print(f"llamacpp skipped: {done.stderr[-1000:]}", file=sys.stderr)
         rows = []
         for backend in args.backends:
             if backend not in models:
                 continue
-            print(f"[{backend}] served ...", file=sys.stderr, flush=True)
-            s = served(models[backend], backend, args.levels, args.rounds, args.tokens)
-            print(f"[{backend}] direct ...", file=sys.stderr, flush=True)
-            d = direct(models[backend], backend, args.levels, args.rounds, args.tokens)
-            rows += [(backend, c, s[c], d[c], s[c]["tok_s"] / s[args.levels[0]]["tok_s"]) for c in args.levels]
+            print(f"[{backend}] ...", file=sys.stderr, flush=True)
+            r = run_backend(models[backend], backend, args.levels, args.rounds, args.tokens, args.repeats)
+            first = r[(args.levels[0], "served")]["tok_s"]
+            rows += [(backend, c, r[(c, "served")], r[(c, "direct")], r[(c, "served")]["tok_s"] / first)
+                     for c in args.levels]
 
     label = {"hf": "hf (transformers fp32)", "llamacpp": f"llamacpp ({args.quant})"}
     print(f"\n{n_params:.0f}M-parameter random LLaMA (hidden {args.hidden}, {args.layers} layers), "
-          f"{args.tokens} max new tokens, greedy, {args.rounds} x concurrency requests per level; "
+          f"{args.tokens} max new tokens, greedy, {args.rounds} x concurrency requests per level, "
+          f"median of {args.repeats}; "
           f"{os.cpu_count()} CPU cores shared by the server and the client")
     print("| backend | streams | req/s | output tok/s | TTFT p50 (ms) | TTFT p95 (ms) | direct tok/s | "
           "served / direct | tok/s vs 1 stream |")

@@ -33,8 +33,8 @@ except ImportError as exc:  # the serve extra is optional
     raise ZhtuneError(f"zhtune serve needs the serve extra ({exc.name} is missing)",
                       hint="pip install 'zhtune[serve]'") from None
 from zhtune.infer.engine import Delta, Engine, GenParams, PromptTooLong
-from zhtune.serve.protocol import (ERROR_RESPONSES, MAX_CHOICES, MAX_EMBED_INPUTS, APIError, ChatRequest, CompletionRequest, EmbeddingRequest,
-                                   embedding_item, new_id, now, usage)
+from zhtune.serve.protocol import (ERROR_RESPONSES, MAX_CHOICES, MAX_EMBED_INPUTS, APIError, ChatRequest,
+                                   CompletionRequest, EmbeddingRequest, embedding_item, new_id, now, usage)
 from zhtune.serve.runner import Runner
 
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
@@ -256,7 +256,8 @@ class Server:
         self.engine = engine
         self.served = served_model_name
         self.runner = Runner(engine, max_concurrency, max_queue)
-        self.context = max_model_len or getattr(engine, "max_model_len", 0) or 0
+        # --max-model-len can only shorten the engine's context, not stretch it
+        self.context = min([n for n in (max_model_len, getattr(engine, "max_model_len", 0)) if n] or [0])
         # formatting + counting a long prompt takes a while: off the loop, one at a time
         self.prep_limiter = anyio.CapacityLimiter(1)
         self.created = now()
@@ -322,7 +323,8 @@ async def chat_completions(req: ChatRequest, request: Request):
     reply = Reply(chat=True, head={"id": new_id("chatcmpl"), "created": now(), "model": req.model},
                   jobs=[(messages, seeded(params, i)) for i in range(req.n)], prompt_tokens=[prompt_tokens])
     if req.stream:
-        return await _streaming(srv, request, reply, bool(req.stream_options and req.stream_options.include_usage))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _streaming(srv, request, reply, include_usage)
     return await _complete(srv, request, reply)
 
 
@@ -346,7 +348,8 @@ async def completions(req: CompletionRequest, request: Request):
     reply = Reply(chat=False, head={"id": new_id("cmpl"), "created": now(), "model": req.model}, jobs=jobs,
                   prompt_tokens=counts, echo=[p for p in prompts for _ in range(req.n)] if req.echo else None)
     if req.stream:
-        return await _streaming(srv, request, reply, bool(req.stream_options and req.stream_options.include_usage))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _streaming(srv, request, reply, include_usage)
     return await _complete(srv, request, reply)
 
 
