@@ -160,7 +160,7 @@ def step_dpo(demo: Demo) -> str:
 
     demo.zhtune("train", "stage=dpo", f"model_name_or_path={demo.path('merged_pt')}",
                 f"peft_path={demo.path('sft', 'sft_lora_model')}", f"dataset={tiny.asset('dpo_pairs.jsonl')}",
-                "template=chinese-alpaca", "cutoff_len=256", "pref_beta=0.1", "learning_rate=5e-4",
+                "template=chinese-alpaca", "cutoff_len=256", "pref_beta=0.1", "learning_rate=1e-4",
                 f"max_steps={demo.steps['dpo']}", *_trained("per_device_train_batch_size=4", "logging_steps=2"),
                 f"output_dir={demo.path('dpo')}")
     results = json.loads(demo.path("dpo", "train_results.json").read_text(encoding="utf-8"))
