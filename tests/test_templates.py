@@ -48,3 +48,9 @@ def test_unknown_template_suggests():
 def test_bad_roles():
     with pytest.raises(ZhtuneError):
         get_template("default").render([{"role": "assistant", "content": "x"}])
+
+
+def test_system_only_conversation_is_refused():
+    with pytest.raises(ZhtuneError) as exc:
+        get_template("qwen").render([{"role": "system", "content": "只有系统提示"}])
+    assert "user" in exc.value.expected

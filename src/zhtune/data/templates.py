@@ -48,6 +48,9 @@ class Template:
         rest = list(messages)
         if rest[0].get("role") == "system":
             system = rest.pop(0).get("content") or ""
+        if not rest:
+            raise ZhtuneError("conversation has no user message", where="messages",
+                              expected="an optional system message, then at least one user message")
         for i, m in enumerate(rest):
             role = m.get("role")
             want = "user" if i % 2 == 0 else "assistant"
