@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = found
     module_name, func_name = COMMANDS[name][0].split(":")
+    import logging
+
+    # bitsandbytes (imported by peft when installed) logs a warning about an optional CPU kernel it
+    # would fetch from the Hub, on every import; it changes nothing for the user: keep it out of sight
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward" not in record.getMessage())
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(rest)

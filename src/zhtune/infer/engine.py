@@ -113,9 +113,15 @@ class StopFilter:
     def __init__(self, stops: list[str] | tuple[str, ...]):
         self.stops = [s for s in stops if s]
         self.hold = ""          # text not yet released (could start a stop string)
+        self.started = False    # has any text of the answer been seen yet
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """(text safe to emit now, whether a stop string was hit)."""
+        if not self.started and piece:
+            # training tokenised each answer on its own, so its first piece carries sentencepiece's
+            # dummy-prefix space ("▁北京"); drop it as tokenizer.decode(answer_ids) does
+            self.started = True
+            piece = piece[1:] if piece.startswith(" ") else piece
         text = self.hold + piece
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
