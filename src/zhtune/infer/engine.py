@@ -23,6 +23,7 @@ Contract every backend keeps (front ends rely on it):
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,19 @@ class StopFilter:
     def flush(self) -> str:
         text, self.hold = self.hold, ""
         return text
+
+
+def fail_pending(requests: queue.SimpleQueue, first) -> None:
+    """A backend worker is shutting down: answer `first` and every queued request with an error."""
+    items = [first]
+    while True:
+        try:
+            items.append(requests.get_nowait())
+        except queue.Empty:
+            break
+    for r in items:
+        if r is not None:
+            r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
 
 
 class RequestStream:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import (Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, RequestStream,
-                                 StopFilter)
+                                 StopFilter, fail_pending)
 
 HOLD_LIMIT = 6   # a UTF-8 character is at most 4 byte tokens: release text held longer than this
 
@@ -295,28 +295,16 @@ def _worker_main(engine_ref, requests: queue.SimpleQueue) -> None:
         first = requests.get()
         engine = engine_ref()
         if first is None or engine is None or engine._closed:
-            _fail_pending(requests, first)
+            fail_pending(requests, first)
             return
         try:
             _Batch(engine, requests).run([first])
         except BaseException as exc:  # never leave a caller waiting forever
             print(f"zhtune hf worker error: {exc!r}", file=sys.stderr)
         if engine._closed:     # close() arrived while the batch ran (its None was consumed there)
-            _fail_pending(requests, None)
+            fail_pending(requests, None)
             return
         del engine
-
-
-def _fail_pending(requests, first) -> None:
-    items = [first]
-    while True:
-        try:
-            items.append(requests.get_nowait())
-        except queue.Empty:
-            break
-    for r in items:
-        if r is not None:
-            r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
 
 
 class _Batch:
@@ -362,7 +350,7 @@ class _Batch:
                 break
             if item is None:       # close(): finish nothing more; fail what is waiting
                 self.stopped = True
-                _fail_pending(self.requests, None)
+                fail_pending(self.requests, None)
                 for r in self.rows:
                     r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
                 self.rows = []

@@ -24,7 +24,7 @@ from pathlib import Path
 from zhtune.data.templates import TEMPLATES, get_template
 from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import (Delta, Engine, GenParams, Prompt, PromptTooLong, RequestStream,
-                                 StopFilter, match_chat_template)
+                                 StopFilter, fail_pending, match_chat_template)
 from zhtune.io import read_run_yaml
 
 ATTR_SPECIAL = (1 << 3) | (1 << 4)   # llama_token_attr CONTROL | USER_DEFINED
@@ -250,7 +250,7 @@ def _worker_main(engine_ref, requests: queue.SimpleQueue) -> None:
         first = requests.get()
         engine = engine_ref()
         if first is None or engine is None or engine._closed:
-            _fail(requests, first)
+            fail_pending(requests, first)
             break
         decoder = decoder or _Decoder(engine)
         try:
@@ -258,23 +258,11 @@ def _worker_main(engine_ref, requests: queue.SimpleQueue) -> None:
         except BaseException as exc:  # never leave a caller waiting forever
             print(f"zhtune llamacpp worker error: {exc!r}", file=sys.stderr)
         if engine._closed:
-            _fail(requests, None)
+            fail_pending(requests, None)
             break
         del engine
     if decoder is not None:
         decoder.batch.close()
-
-
-def _fail(requests: queue.SimpleQueue, first) -> None:
-    items = [first]
-    while True:
-        try:
-            items.append(requests.get_nowait())
-        except queue.Empty:
-            break
-    for r in items:
-        if r is not None:
-            r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
 
 
 class _Decoder:
