@@ -91,14 +91,15 @@ class Tmux:
     def __init__(self, command: list[str]):
         self.name = f"zhtune-chat-{uuid.uuid4().hex[:8]}"
         cmd = " ".join(f"'{c}'" for c in command) + "; echo EXITED $?; sleep 30"
-        subprocess.run(["tmux", "-u", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "50", cmd],
+        # a tmux server of its own (-L): concurrent test runs never share one server or its environment
+        subprocess.run(["tmux", "-L", self.name, "-u", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "50", cmd],
                        check=True, env=ENV)
 
     def keys(self, *keys: str, literal: bool = False) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *(["-l"] if literal else []), *keys], check=True)
+        subprocess.run(["tmux", "-L", self.name, "send-keys", "-t", self.name, *(["-l"] if literal else []), *keys], check=True)
 
     def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-2000", "-t", self.name],
+        return subprocess.run(["tmux", "-L", self.name, "capture-pane", "-p", "-J", "-S", "-2000", "-t", self.name],
                               capture_output=True, text=True, check=True).stdout
 
     def wait(self, text: str, timeout: float = 120, count: int = 1) -> str:
@@ -111,7 +112,7 @@ class Tmux:
         raise AssertionError(f"{text!r} (x{count}) not on screen after {timeout}s:\n{self.screen()}")
 
     def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+        subprocess.run(["tmux", "-L", self.name, "kill-server"], capture_output=True)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux)")

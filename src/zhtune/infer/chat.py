@@ -103,25 +103,26 @@ def answer(engine, messages: list[dict], params: GenParams, out=None) -> str:
     """Stream one answer to `out`; returns its text. Drops the oldest turns if the context is full.
     Ctrl-C stops the answer (the partial text is kept) and is not propagated."""
     out = out or sys.stdout
-    while True:
-        try:
-            stream = engine.stream(messages, params)
-            break
-        except PromptTooLong as exc:
-            first = 1 if messages[0]["role"] == "system" else 0
-            if len(messages) - first <= 1:
-                raise
-            del messages[first:first + 2]
-            print(f"[上下文已满，删去最早的一轮 context full ({exc.prompt_tokens} tokens): "
-                  f"dropped the oldest turn]", file=sys.stderr)
-    text = ""
-    try:
+    text, stream = "", None
+    try:  # Ctrl-C anywhere in here (even before the first token) stops this answer only
+        while True:
+            try:
+                stream = engine.stream(messages, params)
+                break
+            except PromptTooLong as exc:
+                first = 1 if messages[0]["role"] == "system" else 0
+                if len(messages) - first <= 1:
+                    raise
+                del messages[first:first + 2]
+                print(f"[上下文已满，删去最早的一轮 context full ({exc.prompt_tokens} tokens): "
+                      f"dropped the oldest turn]", file=sys.stderr)
         for delta in stream:
             out.write(delta.text)
             out.flush()
             text += delta.text
     except KeyboardInterrupt:
-        stream.close()
+        if stream is not None:
+            stream.close()
         out.write("\n[已停止 stopped]")
     out.write("\n")
     out.flush()
