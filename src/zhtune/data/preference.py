@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from zhtune.data.readers import (
     ASSISTANT_ROLES, DatasetBundle, Record, SkipCounter, _field, _turns, cache_key, cached_build, detect_format,
-    fingerprint_entries, read_records, split_validation, tokenizer_fingerprint,
+    fingerprint_entries, history_messages, read_records, split_validation, tokenizer_fingerprint,
 )
 from zhtune.errors import ZhtuneError
 
@@ -64,12 +64,7 @@ def _text_context(rec: Record) -> list[dict]:
     extra = _field(rec, "input", required=False)
     system = _field(rec, "system", required=False)
     history = _field(rec, "history", required=False, kinds=(list,), what="a list of [question, answer] pairs")
-    messages = [{"role": "system", "content": system}] if system else []
-    for j, pair in enumerate(history or []):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise ZhtuneError(f"history[{j}] is not a [question, answer] pair of strings", where=rec.source,
-                              expected="history: [[question, answer], ...]")
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages = history_messages(rec, system, history)
     user = f"{prompt}\n{extra}" if extra else prompt
     return messages + [{"role": "user", "content": user or ""}]
 

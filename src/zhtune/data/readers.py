@@ -280,18 +280,24 @@ def to_messages(rec: Record, fmt: str) -> list[dict]:
     return _check_turns(rec, messages)
 
 
-def _alpaca(rec: Record) -> list[dict]:
-    instruction = _field(rec, "instruction")
-    extra = _field(rec, "input", required=False)
-    output = _field(rec, "output")
-    system = _field(rec, "system", required=False)
-    history = _field(rec, "history", required=False, kinds=(list,), what="a list of [question, answer] pairs")
+def history_messages(rec: Record, system: str | None, history: list | None) -> list[dict]:
+    """Alpaca-style optional system + history [[question, answer], ...] -> the leading messages."""
     messages = [{"role": "system", "content": system}] if system else []
     for j, pair in enumerate(history or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise ZhtuneError(f"history[{j}] is not a [question, answer] pair of strings", where=rec.source,
                               expected="history: [[question, answer], ...]")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return messages
+
+
+def _alpaca(rec: Record) -> list[dict]:
+    instruction = _field(rec, "instruction")
+    extra = _field(rec, "input", required=False)
+    output = _field(rec, "output")
+    system = _field(rec, "system", required=False)
+    history = _field(rec, "history", required=False, kinds=(list,), what="a list of [question, answer] pairs")
+    messages = history_messages(rec, system, history)
     # Chinese-LLaMA-Alpaca / Stanford Alpaca: the input follows the instruction on a new line
     user = f"{instruction}\n{extra}" if extra else instruction
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]

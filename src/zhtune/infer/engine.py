@@ -216,6 +216,17 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
 
+    def check_request(self, params: GenParams) -> None:
+        """What every backend checks before a generation: parameters, a live engine, stop ids in range."""
+        params.validate()
+        if getattr(self, "_closed", False):
+            raise ZhtuneError("engine is closed", expected="a live engine")
+        vocab = getattr(self, "vocab_size", None)
+        bad = [i for i in params.stop_token_ids if vocab is not None and i >= vocab]
+        if bad:
+            raise ZhtuneError(f"stop token id {bad[0]} is not in the vocabulary ({vocab})",
+                              where="stop_token_ids", expected=f"ids < {vocab}")
+
     def stream(self, prompt: Prompt, params: GenParams) -> Iterator[Delta]:
         raise NotImplementedError
 

@@ -241,13 +241,7 @@ class HFEngine(Engine):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def stream(self, prompt: Prompt, params: GenParams):
-        params.validate()
-        if self._closed:
-            raise ZhtuneError("engine is closed", expected="a live engine")
-        bad = [i for i in params.stop_token_ids if i >= self.vocab_size]
-        if bad:
-            raise ZhtuneError(f"stop token id {bad[0]} is not in the vocabulary ({self.vocab_size})",
-                              where="stop_token_ids", expected=f"ids < {self.vocab_size}")
+        self.check_request(params)
         with self._tok_lock:
             ids = self.tokenize_prompt(prompt)
         if len(ids) >= self.max_model_len:
