@@ -31,13 +31,16 @@ def test_help_shows_flags_and_examples(capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--model", "--lora", "--backend", "--host", "--port", "--api-key", "--served-model-name",
-                 "--max-concurrency", "--max-model-len", "--max-body-bytes", "--print-vllm-command", "examples"):
+                 "--max-concurrency", "--max-model-len", "--max-body-bytes", "--print-vllm-command", "--threads",
+                 "--threads-batch", "examples"):
         assert flag in out
 
 
 @pytest.mark.parametrize("argv,where", [
     (["--max-concurrency", "0"], "--max-concurrency"),
     (["--port", "70000"], "--port"),
+    (["--threads", "0"], "--threads"),
+    (["--threads-batch", "-1"], "--threads-batch"),
     (["--backend", "hf", "--template", "nope"], "--template"),
 ])
 def test_bad_flags_are_zhtune_errors(tiny_model_dir, argv, where):

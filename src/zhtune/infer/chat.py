@@ -59,7 +59,10 @@ def add_model_args(p) -> None:
     p.add_argument("--load-in-8bit", action="store_true", help="hf: 8-bit weights (bitsandbytes)")
     p.add_argument("--load-in-4bit", action="store_true", help="hf: 4-bit nf4 weights (bitsandbytes)")
     p.add_argument("--num-gpus", type=int, default=None, help="hf/vllm: GPUs to spread the model over")
-    p.add_argument("--threads", type=int, default=None, help="llamacpp: CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="llamacpp: CPU threads (default: half the CPUs for one-token steps, all for batches)")
+    p.add_argument("--threads-batch", type=int, default=None,
+                   help="llamacpp: CPU threads for prompts and batched steps (default: --threads, else all CPUs)")
 
 
 def add_gen_args(p) -> None:
@@ -80,8 +83,8 @@ def engine_from_args(args):
     if backend == "hf":
         options = {"dtype": args.dtype, "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit,
                    "num_gpus": args.num_gpus}
-    elif backend == "llamacpp" and args.threads:
-        options = {"n_threads": args.threads}
+    elif backend == "llamacpp":
+        options = {"n_threads": args.threads, "n_threads_batch": args.threads_batch}
     elif backend == "vllm" and args.num_gpus:
         options = {"num_gpus": args.num_gpus}
     return load_engine(args.model, loras=args.lora, backend=backend, template=args.template, **options)

@@ -411,7 +411,8 @@ def load_engine(model: str, loras: list[str] | tuple[str, ...] = (), backend: st
 
     options go to the backend: hf: dtype ("auto"|"fp32"|"bf16"|"fp16"), load_in_8bit, load_in_4bit,
     num_gpus, device, max_batch_size (16); llamacpp: n_ctx (per sequence; 0 = the model's),
-    n_threads, n_batch, n_parallel (8); vllm: num_gpus, dtype, gpu_memory_utilization, max_model_len.
+    n_threads, n_threads_batch, n_batch, n_parallel (8); vllm: num_gpus, dtype, gpu_memory_utilization,
+    max_model_len.
     """
     name = pick_backend(model, backend)
     if name == "llamacpp":

@@ -63,11 +63,17 @@ class LlamaCppEngine(Engine):
     backend = "llamacpp"
 
     def __init__(self, model: str | Path, loras=(), template: str | None = None, n_ctx: int = 0,
-                 n_threads: int | None = None, n_batch: int = 512, n_parallel: int = 8, **unknown):
-        """n_ctx: context per sequence (0: the model's); n_parallel: sequences decoded together."""
+                 n_threads: int | None = None, n_threads_batch: int | None = None, n_batch: int = 512,
+                 n_parallel: int = 8, **unknown):
+        """n_ctx: context per sequence (0: the model's); n_parallel: sequences decoded together;
+        n_threads: threads for a step of one token (one stream decoding); n_threads_batch: for steps
+        of several tokens (prompts, several streams at once)."""
         if unknown:
             raise ZhtuneError(f"unknown option(s) for the llamacpp backend: {', '.join(unknown)}",
-                              where="options", expected="n_ctx, n_threads, n_batch, n_parallel")
+                              where="options", expected="n_ctx, n_threads, n_threads_batch, n_batch, n_parallel")
+        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if value is not None and not 1 <= int(value) <= 1024:
+                raise ZhtuneError(f"{name}={value} is out of range", where=name, expected="1..1024 threads")
         if not 1 <= int(n_parallel) <= 256:
             raise ZhtuneError(f"n_parallel={n_parallel} is out of range", where="n_parallel", expected="1..256")
         if loras:
@@ -80,10 +86,15 @@ class LlamaCppEngine(Engine):
             raise ZhtuneError("the llamacpp backend needs llama-cpp-python", where="--backend",
                               hint="CMAKE_ARGS=-DGGML_NATIVE=off pip install 'zhtune[gguf]'") from None
         self.path = _check_gguf(model)
-        # llama-cpp-python's default: half the logical CPUs (one per physical core); more threads
-        # than free cores makes ggml's spinning thread barrier collapse on a busy machine
-        self._threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
-        self._kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=self._threads, verbose=False)
+        # By default (llama-cpp-python's): one-token steps on half the logical CPUs (decoding one row
+        # gains little from a second thread, and ggml's spinning thread barrier collapses when threads
+        # outnumber free cores), multi-token steps (prompts, many streams: compute-bound) on all of them. A given
+        # n_threads also covers batches unless n_threads_batch is given (llama.cpp's -t / -tb).
+        cpus = os.cpu_count() or 1
+        self._threads = int(n_threads or max(1, cpus // 2))
+        self._threads_batch = int(n_threads_batch or n_threads or max(self._threads, cpus))
+        self._kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=self._threads,
+                            n_threads_batch=self._threads_batch, verbose=False)
         try:   # this context is only used for embeddings' settings; decoding has its own (_open_context)
             self.llm = Llama(str(self.path), **{**self._kwargs, "n_ctx": 64})
         except (ValueError, RuntimeError) as exc:
@@ -139,7 +150,7 @@ class LlamaCppEngine(Engine):
             params.n_ctx = min(self.max_model_len * self.n_parallel, max(self.max_model_len, 8192))
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_seq_max = self.n_parallel
-        params.n_threads = params.n_threads_batch = self._threads
+        params.n_threads, params.n_threads_batch = self._threads, self._threads_batch
         params.kv_unified = not split
         params.no_perf = True
         from llama_cpp._utils import suppress_stdout_stderr

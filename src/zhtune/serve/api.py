@@ -570,6 +570,11 @@ def _parser():
     p.add_argument("--max-model-len", type=int, default=None, help="context length cap in tokens")
     p.add_argument("--max-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY, help="request size cap (413)")
     p.add_argument("--dtype", default="auto", help="hf backend: auto | fp32 | bf16 | fp16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="llamacpp: CPU threads for one-token steps (default: half the CPUs)")
+    p.add_argument("--threads-batch", type=int, default=None,
+                   help="llamacpp: CPU threads for prompts and steps of several streams (default: --threads, "
+                        "else all CPUs)")
     p.add_argument("--print-vllm-command", action="store_true",
                    help="write our chat template to a file and print the command for vLLM's own server")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -577,7 +582,7 @@ def _parser():
 
 
 def _check_args(args) -> None:
-    for flag in ("port", "max_concurrency", "max_queue", "max_model_len"):
+    for flag in ("port", "max_concurrency", "max_queue", "max_model_len", "threads", "threads_batch"):
         value = getattr(args, flag)
         low = 0 if flag == "max_queue" else 1
         if value is not None and not (low <= value <= (65535 if flag == "port" else 1 << 30)):
@@ -591,7 +596,8 @@ def _engine_options(args) -> dict:
 
     backend = pick_backend(args.model, args.backend)
     if backend == "llamacpp":
-        return {"n_ctx": args.max_model_len or 0, "n_parallel": min(args.max_concurrency, 256)}
+        return {"n_ctx": args.max_model_len or 0, "n_parallel": min(args.max_concurrency, 256),
+                "n_threads": args.threads, "n_threads_batch": args.threads_batch}
     if backend == "vllm":
         return {"dtype": args.dtype, "max_model_len": args.max_model_len}
     return {"dtype": args.dtype, "max_batch_size": args.max_concurrency}
