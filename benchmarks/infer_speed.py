@@ -58,24 +58,29 @@ def prompt_text(engine) -> str:
 
 
 class Timer:
-    """Records when the first and the last piece of output arrived."""
+    """Records when the first and the last piece of output arrived, in wall time and in this process's
+    CPU time (all threads: the engine decodes on a worker thread). With one compute thread per side,
+    CPU time is the work done and does not grow when other jobs share the cores; wall time does."""
 
     def __init__(self):
-        self.start = time.perf_counter()
-        self.first = self.last = None
-        self.n = 0
+        self.reset()
 
-    def tick(self, n: int = 1) -> None:
-        now = time.perf_counter()
+    def reset(self) -> None:
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.first = self.last = self.cpu_first = self.cpu_last = None
+
+    def tick(self) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
         if self.first is None:
-            self.first = now
-        self.last = now
-        self.n += n
+            self.first, self.cpu_first = now, cpu
+        self.last, self.cpu_last = now, cpu
 
     def result(self, prompt_len: int, n_tokens: int) -> dict:
-        ttft = self.first - self.start
+        ttft, ttft_cpu = self.first - self.start, self.cpu_first - self.cpu_start
         return {"ttft_ms": 1000 * ttft, "prefill_tps": prompt_len / ttft,
-                "decode_tps": (n_tokens - 1) / (self.last - self.first), "tokens": n_tokens}
+                "decode_tps": (n_tokens - 1) / (self.last - self.first),
+                "ttft_cpu_ms": 1000 * ttft_cpu,
+                "decode_cpu_tps": (n_tokens - 1) / max(self.cpu_last - self.cpu_first, 1e-9), "tokens": n_tokens}
 
 
 def raw_hf(model, ids, tokens: int) -> dict:
@@ -95,7 +100,7 @@ def raw_hf(model, ids, tokens: int) -> dict:
         def end(self):
             pass
 
-    timer.start = time.perf_counter()
+    timer.reset()
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False, streamer=Stream(),
                              pad_token_id=0)
@@ -137,19 +142,29 @@ def concurrency(engine, text: str, tokens: int, streams: int) -> float:
     return sum(c.completion_tokens for c in done) / (time.perf_counter() - t0)
 
 
+METRICS = (("ttft_ms", "first token ms"), ("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s"),
+           ("ttft_cpu_ms", "first token, CPU ms"), ("decode_cpu_tps", "decode tok per CPU s"))
+
+
 def compare(name: str, raw, ours, repeats: int) -> list[tuple]:
+    """Alternating raw / zhtune runs; per metric the medians and the median of the per-pair ratios
+    (each pair ran back to back, so a load change on a shared machine hits both sides)."""
     raws, zs = [], []
     raw()
     ours()   # warm-up both
-    for _ in range(repeats):
-        raws.append(raw())
-        zs.append(ours())
+    for i in range(repeats):   # alternate which side goes first
+        if i % 2:
+            zs.append(ours())
+            raws.append(raw())
+        else:
+            raws.append(raw())
+            zs.append(ours())
     rows = []
-    for key, label in (("ttft_ms", "first token ms"), ("prefill_tps", "prefill tok/s"),
-                       ("decode_tps", "decode tok/s")):
+    for key, label in METRICS:
         r = statistics.median(x[key] for x in raws)
         z = statistics.median(x[key] for x in zs)
-        rows.append((name, label, r, z, z / r))
+        pairs = sorted(b[key] / a[key] for a, b in zip(raws, zs))
+        rows.append((name, label, r, z, statistics.median(pairs), pairs[len(pairs) // 4], pairs[-1 - len(pairs) // 4]))
     print(f"  {name}: tokens generated raw {raws[0]['tokens']}, zhtune {zs[0]['tokens']}", flush=True)
     return rows
 
@@ -162,6 +177,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads for both sides (1: a busy shared machine makes ggml's 2-thread "
                          "barrier spin; use 2+ on an idle one)")
+    ap.add_argument("--threads-batch", type=int, default=None,
+                    help="llama.cpp threads for multi-token steps, both sides (default: --threads)")
     ap.add_argument("--parallel", type=int, default=16, help="zhtune llamacpp n_parallel (sequence slots)")
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams for the throughput table")
     ap.add_argument("--quants", nargs="*", default=["f16", "q8_0", "q4_k_m"])
@@ -198,8 +215,10 @@ def main() -> None:
         gguf = root / f"model.{quant}.gguf"
         if not gguf.is_file():
             export_gguf(model_dir, gguf, quant=quant, modelfile=False, log=lambda *a: None)
-        raw = Llama(str(gguf), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-        eng = load_engine(str(gguf), n_ctx=2048, n_threads=args.threads, n_parallel=args.parallel)
+        batch_threads = args.threads_batch or args.threads
+        raw = Llama(str(gguf), n_ctx=2048, n_threads=args.threads, n_threads_batch=batch_threads, verbose=False)
+        eng = load_engine(str(gguf), n_ctx=2048, n_threads=args.threads, n_threads_batch=batch_threads,
+                          n_parallel=args.parallel)
         cpp_ids = eng.tokenize_prompt(text)
         assert cpp_ids == ids, "llama.cpp and transformers tokenise the prompt differently"
         rows += compare(f"llamacpp {quant}", lambda: raw_llama(raw, ids, args.tokens),
@@ -210,9 +229,10 @@ def main() -> None:
         eng.close()
         raw.close()
 
-    print("\n| backend | metric | raw library | zhtune | zhtune / raw |\n|---|---|---:|---:|---:|")
-    for name, label, r, z, ratio in rows:
-        print(f"| {name} | {label} | {r:.1f} | {z:.1f} | {ratio:.3f} |")
+    print("\n| backend | metric | raw library | zhtune | zhtune / raw (median of pairs) | quartiles |\n"
+          "|---|---|---:|---:|---:|---|")
+    for name, label, r, z, ratio, lo, hi in rows:
+        print(f"| {name} | {label} | {r:.1f} | {z:.1f} | {ratio:.3f} | {lo:.3f}-{hi:.3f} |")
     print(f"\n| zhtune backend | total tok/s, 1 stream | total tok/s, {args.streams} streams | ratio |\n"
           "|---|---:|---:|---:|")
     for name, one, many in conc:

@@ -191,6 +191,47 @@ def _direct_level(engine, texts: list[str], concurrency: int, tokens: int) -> di
     return summarize(results, time.perf_counter() - start)
 
 
+# --- what llama.cpp itself can do: decode steps of k rows, no engine ------------------------------
+def raw_decode_rate(gguf: str, levels: list[int], prompt_len: int = 32, steps: int = 24) -> dict:
+    """Tokens/s of bare llama_decode steps that advance k sequences by one token each (k in levels),
+    after a prompt_len-token prompt per sequence: the library's own ceiling for batched decoding on
+    this CPU, with the engine's default thread counts. Runs in a child process (see main)."""
+    import llama_cpp
+    from llama_cpp import Llama, _internals
+
+    cpus = os.cpu_count() or 1
+    llm = Llama(gguf, n_ctx=64, verbose=False)
+    n = max(levels)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n * (prompt_len + steps * len(levels) + 8)   # a multiple of n: one stream each
+    params.n_batch = params.n_ubatch = 512
+    params.n_seq_max = n
+    params.n_threads, params.n_threads_batch = max(1, cpus // 2), cpus
+    ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+    batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+    b, pos, rates = batch.batch, [0] * n, {}
+
+    def decode(rows: list[tuple[int, int]]) -> float:   # rows: (sequence, token)
+        for i, (seq, token) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos[seq], 1, True
+            b.seq_id[i][0] = seq
+            pos[seq] += 1
+        b.n_tokens = len(rows)
+        start = time.perf_counter()
+        if llama_cpp.llama_decode(ctx.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        return time.perf_counter() - start
+
+    for seq in range(n):
+        decode([(seq, 100 + (seq + j) % 1000) for j in range(prompt_len)][:1])   # first token alone
+        for chunk in range(1, prompt_len, 256):
+            decode([(seq, 100 + (seq + j) % 1000) for j in range(chunk, min(prompt_len, chunk + 256))])
+    for k in levels:
+        times = [decode([(seq, 200 + step) for seq in range(k)]) for step in range(steps)]
+        rates[k] = k / statistics.median(times[2:])
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", default=["hf", "llamacpp"], choices=["hf", "llamacpp"])
@@ -201,7 +242,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--quant", default="q8_0", help="GGUF quantization for the llamacpp backend")
+    ap.add_argument("--raw-rate", metavar="GGUF", help=argparse.SUPPRESS)   # child process mode
     args = ap.parse_args()
+    if args.raw_rate:
+        print(json.dumps(raw_decode_rate(args.raw_rate, args.levels)))
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     with tempfile.TemporaryDirectory(prefix="zhtune-serve-bench-") as tmp:
@@ -229,6 +274,11 @@ def main() -> None:
             first = r[(args.levels[0], "served")]["tok_s"]
             rows += [(backend, c, r[(c, "served")], r[(c, "direct")], r[(c, "served")]["tok_s"] / first)
                      for c in args.levels]
+        raw = None
+        if "llamacpp" in models:   # a child process, for the reason above
+            done = subprocess.run([sys.executable, __file__, "--raw-rate", models["llamacpp"], "--levels",
+                                   *map(str, args.levels)], capture_output=True, text=True)
+            raw = {int(k): v for k, v in json.loads(done.stdout).items()} if done.returncode == 0 else None
 
     label = {"hf": "hf (transformers fp32)", "llamacpp": f"llamacpp ({args.quant})"}
     print(f"\n{n_params:.0f}M-parameter random LLaMA (hidden {args.hidden}, {args.layers} layers), "
@@ -241,6 +291,13 @@ def main() -> None:
     for backend, c, s, d, scale in rows:
         print(f"| {label[backend]} | {c} | {s['req_s']:.2f} | {s['tok_s']:.0f} | {s['ttft_p50']:.0f} | "
               f"{s['ttft_p95']:.0f} | {d['tok_s']:.0f} | {s['tok_s'] / d['tok_s']:.2f}x | {scale:.2f}x |")
+    if raw:
+        one = raw[args.levels[0]]
+        print("\nllama.cpp alone (llama_decode steps advancing k sequences by one token; no prompts, no "
+              "sampling, no engine), default threads:")
+        print("| streams | tok/s | vs 1 stream |\n|---:|---:|---:|")
+        for c in args.levels:
+            print(f"| {c} | {raw[c]:.0f} | {raw[c] / one:.2f}x |")
 
 
 if __name__ == "__main__":
