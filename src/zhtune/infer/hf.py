@@ -162,6 +162,15 @@ def _apply_adapters(model, spec: ModelSpec, tokenizer_len: int):
     return model
 
 
+def prompt_ids(engine: Engine, prompt: Prompt) -> list[int]:
+    """Prompt ids exactly as training built them, with the engine's transformers tokenizer (hf and
+    vllm backends): a conversation segment by segment, raw text with BOS."""
+    if isinstance(prompt, str):
+        return engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return [i for ids in engine.tokenizer(engine.segments(prompt), add_special_tokens=False)["input_ids"]
+            for i in ids]
+
+
 # --- per-request state -------------------------------------------------------------------------
 
 @dataclass(eq=False)   # identity, not field, equality: rows are looked up by object
@@ -231,11 +240,7 @@ class HFEngine(Engine):
 
     # --- public API ------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
-        """Prompt ids exactly as training built them (segment by segment; raw text gets BOS)."""
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return [i for ids in self.tokenizer(self.segments(prompt), add_special_tokens=False)["input_ids"]
-                for i in ids]
+        return prompt_ids(self, prompt)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

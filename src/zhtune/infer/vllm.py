@@ -75,10 +75,9 @@ class VllmEngine(Engine):
         self._worker.start()
 
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return [i for ids in self.tokenizer(self.segments(prompt), add_special_tokens=False)["input_ids"]
-                for i in ids]
+        from zhtune.infer.hf import prompt_ids
+
+        return prompt_ids(self, prompt)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
