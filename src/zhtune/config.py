@@ -245,6 +245,10 @@ class TrainConfig:
                                                       "default: the model's")
     base_tokenizer: Optional[str] = opt(None, "the base model's original tokenizer, used to initialise new "
                                               "embedding rows (default: recorded by `vocab merge`)")
+    embedding_init: Literal["auto", "mean", "logprob"] = opt(
+        "auto", "new rows when the tokenizer grew: mean = mean of the base rows of the piece's text; logprob = "
+                "input rows as mean, lm_head rows fitted on the training data so a new piece's day-0 probability "
+                "tracks the base's probability of its text; auto = logprob unless the head is tied")
     finetuning_type: Literal["lora", "qlora", "full"] = opt("lora", "LoRA adapters, QLoRA (4/8-bit base) or "
                                                                     "full fine-tuning")
     quantization_bit: Optional[int] = opt(None, "4 or 8: load the base quantised with bitsandbytes (QLoRA)")

@@ -137,7 +137,7 @@ def prepare_model(cfg, template=None):
 
     from zhtune.data.templates import install
     from zhtune.model.adapter import attach_adapter
-    from zhtune.model.embeddings import base_tokenizer_path, check_vocab_sizes, expand_embeddings
+    from zhtune.model.embeddings import base_tokenizer_path, calibration_texts, check_vocab_sizes, expand_embeddings
     from zhtune.model.load import load_model, load_tokenizer
 
     set_seed(cfg.seed)  # LoRA's random init must be the same in a resumed and a fresh run
@@ -146,7 +146,8 @@ def prepare_model(cfg, template=None):
     check_vocab_sizes(model, tokenizer)  # before adding template tokens: a too-small tokenizer is a mistake
     if template is not None:
         install(tokenizer, template)
-    expansion = expand_embeddings(model, tokenizer, base_tokenizer_path(cfg))
+    expansion = expand_embeddings(model, tokenizer, base_tokenizer_path(cfg), method=cfg.embedding_init,
+                                  calibration=lambda: calibration_texts(cfg))  # read only if the vocab grew
     model = attach_adapter(model, cfg, expansion.grew)
     return tokenizer, model, expansion
 

@@ -1,0 +1,133 @@
+"""embedding_init=logprob: new lm_head rows fitted so a new piece's day-0 probability tracks the base's."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from zhtune import tiny
+from zhtune.errors import ZhtuneError
+from zhtune.model.embeddings import expand_embeddings
+
+
+def _doc_ids(tok, text):
+    return [tok.bos_token_id, *tok(text, add_special_tokens=False).input_ids, tok.eos_token_id]
+
+
+def _nll_bits_per_char(model, tok, docs) -> float:
+    """Held-out NLL of each document from its BOS, in bits per character (comparable across tokenizers)."""
+    total = 0.0
+    with torch.no_grad():
+        for doc in docs:
+            ids = torch.tensor([_doc_ids(tok, doc)])
+            logits = model(input_ids=ids).logits[0, :-1]
+            total -= float(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).sum())
+    return total / sum(map(len, docs)) / math.log(2)
+
+
+@pytest.fixture(scope="module")
+def trained(base_tokenizer_dir, grown_tokenizer_dir):
+    """A tiny Llama trained ~10 s on Chinese with the (byte-fallback, English) base tokenizer: a base whose
+    predictions of Chinese bytes mean something, as a real model's do."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    base_tok = AutoTokenizer.from_pretrained(str(base_tokenizer_dir))
+    grown_tok = AutoTokenizer.from_pretrained(str(grown_tokenizer_dir))
+    docs = tiny.asset_lines("zh_corpus.txt")
+    flat = [i for d in docs for i in _doc_ids(base_tok, d)]
+    data = torch.tensor(flat[: len(flat) // 128 * 128]).view(-1, 128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny.tiny_llama_config(len(base_tok), hidden_size=64, intermediate_size=176))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        rows = data[torch.randint(len(data), (16,), generator=gen)]
+        model(input_ids=rows, labels=rows).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), base_tok, grown_tok, docs
+
+
+def _expand(trained, method, docs=None):
+    model, _, grown_tok, all_docs = trained
+    docs = docs or all_docs
+    model = copy.deepcopy(model)
+    base = grown_tok.init_kwargs.get("name_or_path")
+    from pathlib import Path
+
+    info = expand_embeddings(model, grown_tok, Path(base) / "base_tokenizer.model", calibration=docs,
+                             method=method)
+    return model.eval(), info
+
+
+def test_logprob_init_beats_the_mean_on_day_0(trained):
+    base, base_tok, grown_tok, _ = trained
+    held = tiny.asset_lines("zh_heldout.txt")
+    mean, info_mean = _expand(trained, "mean")
+    fitted, info = _expand(trained, "auto")
+    assert (info_mean.method, info.method) == ("mean", "logprob")
+    assert info.fit["positions"] > 1000 and info.fit["seen_pieces"] > 100
+    bpc_base = _nll_bits_per_char(base, base_tok, held)
+    bpc_mean, bpc_fit = _nll_bits_per_char(mean, grown_tok, held), _nll_bits_per_char(fitted, grown_tok, held)
+    # measured: base 9.8, mean 11.5 (the merged model underrates every new piece), logprob 10.0
+    assert bpc_fit < bpc_mean - 0.5, (bpc_base, bpc_mean, bpc_fit)
+    assert bpc_fit < bpc_base * 1.05, (bpc_base, bpc_fit)
+    # the old rows are untouched: English scores exactly as the base
+    ids = base_tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(fitted(input_ids=ids).logits[..., :len(base_tok)], base(input_ids=ids).logits)
+
+
+def test_expected_counts_of_new_pieces_match_the_calibration_text(trained):
+    """The fit's principle, checked with the model's own softmax: over the calibration positions, the
+    summed day-0 probability of each frequent new piece equals how often it occurs there."""
+    _, _, grown_tok, docs = trained
+    docs = docs[:60]
+    fitted, info = _expand(trained, "logprob", docs)
+    assert info.fit["positions"] < 16384  # every position of these documents was read
+    old = info.old_vocab
+    expected, counts = torch.zeros(info.new_vocab - old), torch.zeros(info.new_vocab - old)
+    with torch.no_grad():
+        for doc in docs:
+            ids = torch.tensor([_doc_ids(grown_tok, doc)])
+            probs = torch.softmax(fitted(input_ids=ids).logits[0, :-1], -1)
+            expected += probs[:, old:].sum(0)
+            nxt = ids[0, 1:]
+            counts += torch.bincount(nxt[nxt >= old] - old, minlength=len(counts)).float()
+    frequent = counts >= 20
+    assert frequent.sum() > 20
+    ratio = expected[frequent] / (counts[frequent] + 0.5)
+    assert ratio.min() > 0.9 and ratio.max() < 1.1, ratio
+
+
+def test_tied_head_falls_back_to_the_mean_and_logprob_says_why(trained):
+    model, _, grown_tok, docs = trained
+    tied = copy.deepcopy(model)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    tied.config.tie_word_embeddings = True
+    from pathlib import Path
+
+    base = Path(grown_tok.init_kwargs["name_or_path"]) / "base_tokenizer.model"
+    info = expand_embeddings(copy.deepcopy(tied), grown_tok, base, calibration=docs, method="auto")
+    assert info.method == "mean"
+    with pytest.raises(ZhtuneError) as exc:
+        expand_embeddings(copy.deepcopy(tied), grown_tok, base, calibration=docs, method="logprob")
+    assert exc.value.where == "embedding_init"
+    with pytest.raises(ZhtuneError) as exc:
+        expand_embeddings(copy.deepcopy(model), grown_tok, base, calibration=docs, method="bogus")
+    assert exc.value.where == "embedding_init"
+
+
+def test_train_fits_new_rows_from_its_dataset(tiny_model_dir, grown_tokenizer_dir, zh_corpus):
+    from zhtune.config import TRAIN_ALIASES, TrainConfig, load_config
+    from zhtune.train.common import prepare_model
+
+    args = [f"model_name_or_path={tiny_model_dir}", f"tokenizer_name_or_path={grown_tokenizer_dir}",
+            "output_dir=unused", "stage=pt", f"dataset=[{zh_corpus}]", "finetuning_type=full"]
+    _, _, expansion = prepare_model(load_config(TrainConfig, None, args, TRAIN_ALIASES))
+    assert expansion.grew and expansion.method == "logprob" and expansion.fit["positions"] > 1000
+    _, _, expansion = prepare_model(load_config(TrainConfig, None, args + ["embedding_init=mean"], TRAIN_ALIASES))
+    assert expansion.method == "mean"
