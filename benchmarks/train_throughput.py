@@ -147,11 +147,116 @@ def run_zhtune(env: dict, steps: int, batch: int, cutoff: int, bf16: bool) -> di
     return {"seconds": result["train_runtime"], "loss": result.get("train_loss"), **env["zh_data"]}
 
 
+# --- LLaMA-Factory 0.9.5 (runs under its own venv's python: this file imports only the stdlib at the top) --
+
+# the configurations compared: LF's defaults (no packing, gradient checkpointing ON by default), `packing`
+# (rows of cutoff_len, attention_mask all ones: samples attend to earlier samples in the row), and
+# `neat_packing` (a 4-D block-diagonal mask: no sample sees another, the one comparable to zhtune's packing)
+LF_CONFIGS = {
+    "default": {},
+    "default-nogc": {"disable_gradient_checkpointing": True},
+    "packing": {"packing": True},
+    "packing-nogc": {"packing": True, "disable_gradient_checkpointing": True},
+    "neat": {"neat_packing": True},
+    "neat-nogc": {"neat_packing": True, "disable_gradient_checkpointing": True},
+}
+LF_TEMPLATE = "zhtune_chinese_alpaca"
+
+
+def lf_template_strings() -> dict:
+    """Our template's prompt and answer around a `{{content}}` placeholder (from the one template registry),
+    for LF to train on the same strings as the other columns (single-turn samples: the system prompt is
+    part of the first user turn). LF's built-in `alpaca` differs ('Response:\\n', an extra '\\n\\n' label)."""
+    from zhtune.data.templates import get_template
+
+    (prompt, answer), = get_template(TEMPLATE).encode_pairs(
+        [{"role": "user", "content": "{{content}}"}, {"role": "assistant", "content": "{{content}}"}], "<s>", "</s>")
+    assert prompt.startswith("<s>") and answer.endswith("</s>"), (prompt, answer)
+    return {"user": prompt[len("<s>"):], "assistant": answer[: -len("</s>")]}
+
+
+def lf_register_template(strings: dict) -> None:
+    """Register those strings as an LF template (what LF's template.py documents for a new format)."""
+    from llamafactory.data.formatter import EmptyFormatter, StringFormatter
+    from llamafactory.data.template import register_template
+
+    register_template(name=LF_TEMPLATE, format_prefix=EmptyFormatter(slots=[{"bos_token"}]),
+                      format_user=StringFormatter(slots=[strings["user"]]),
+                      format_assistant=StringFormatter(slots=[strings["assistant"], {"eos_token"}]))
+
+
+def lf_environment(env: dict) -> dict:
+    """LF's subprocess environment: an empty `torchaudio` module first on PYTHONPATH (LF imports it; its real
+    wheel pulls a CUDA build), the datasets cache inside the work dir."""
+    shim = Path(env["work"]) / "lf-shim"
+    (shim / "torchaudio").mkdir(parents=True, exist_ok=True)
+    (shim / "torchaudio" / "__init__.py").touch()
+    return {**os.environ, "PYTHONPATH": str(shim), "HF_DATASETS_CACHE": str(Path(env["work"]) / "lf-datasets"),
+            "WANDB_DISABLED": "true"}
+
+
+def lf_counts(dataset) -> dict:
+    """Real tokens, label tokens and within-sample (query, key) pairs of the rows LF trained on. Samples are
+    found from position_ids (restarting at 0 per sample; LF's row padding is a run of zeros) when packed,
+    else each row is one sample (LF pads batches in the collator, not in the dataset)."""
+    tokens = labelled = pairs = 0
+    for row in dataset:
+        labelled += sum(x != -100 for x in row["labels"])
+        if "position_ids" in row:
+            runs, n = [], 0
+            for pos in row["position_ids"]:
+                if pos == 0 and n:
+                    runs.append(n)
+                    n = 0
+                n += 1
+            runs.append(n)
+            runs = [r for r in runs if r > 1]          # length-1 runs: the padding's zeros
+        else:
+            runs = [len(row["input_ids"])]
+        tokens += sum(runs)
+        pairs += sum(r * (r + 1) // 2 for r in runs)
+    return {"tokens": tokens, "label_tokens": labelled, "attention_pairs": pairs}
+
+
+def run_llamafactory(env: dict, steps: int, batch: int, cutoff: int, bf16: bool, config: str) -> dict:
+    """LLaMA-Factory's own SFT (`run_exp`, what `llamafactory-cli train cfg.yaml` calls) for one epoch
+    over the same records as the plain script (unpacked) or as zhtune (packed); train_runtime is its
+    Trainer's, like the other columns'. The rows are counted after the clock stopped (on_train_end)."""
+    from llamafactory.train.tuner import run_exp
+    from transformers import TrainerCallback
+
+    lf_register_template(env["lf_template"])
+    out = Path(env["out"])
+    (out / "dataset_info.json").write_text(json.dumps({"zh_alpaca": {
+        "file_name": env["data"], "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}))
+    extra = LF_CONFIGS[config]
+    packed = bool(extra.get("packing") or extra.get("neat_packing"))
+    seen: dict = {}
+
+    class Count(TrainerCallback):
+        def on_train_end(self, args, state, control, train_dataloader=None, **kw):
+            seen.update(lf_counts(train_dataloader.dataset), steps=state.global_step)
+
+    run_exp({"stage": "sft", "do_train": True, "model_name_or_path": env["model"], "dataset": "zh_alpaca",
+             "dataset_dir": str(out), "template": LF_TEMPLATE, "cutoff_len": cutoff, "overwrite_cache": True,
+             "max_samples": env["zh_samples"] if packed else steps * batch, "finetuning_type": "lora",
+             "lora_rank": 8, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target": ",".join(LORA["target_modules"]),
+             "output_dir": str(out / "run"), "per_device_train_batch_size": batch, "num_train_epochs": 1,
+             "learning_rate": 2e-4, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+             "bf16": bf16, "seed": 42, "dataloader_num_workers": 0, "plot_loss": False, **extra},
+            callbacks=[Count()])
+    result = json.loads((out / "run" / "train_results.json").read_text())
+    return {"seconds": result["train_runtime"], "loss": result.get("train_loss"), **seen}
+
+
 def column_main(args) -> None:
     env = json.loads(args.env)
     env["out"] = tempfile.mkdtemp(prefix="out-", dir=env["work"])
-    fn = run_plain if args.column == "plain" else run_zhtune
-    result = fn(env, args.steps, args.batch, args.cutoff, args.bf16)
+    if args.column == "llamafactory":
+        result = run_llamafactory(env, args.steps, args.batch, args.cutoff, args.bf16, args.lf_config)
+    else:
+        fn = run_plain if args.column == "plain" else run_zhtune
+        result = fn(env, args.steps, args.batch, args.cutoff, args.bf16)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -169,10 +274,14 @@ def flops(r: dict, env: dict) -> float:
 
 
 def run_column(name: str, bf16: bool, env: dict, args) -> dict:
-    cmd = [sys.executable, __file__, "--column", "plain" if name.startswith("plain") else "zhtune",
+    kind = name.split()[0]
+    python, extra, child_env = sys.executable, [], None
+    if kind == "lf":
+        python, extra, child_env = args.llamafactory, ["--lf-config", name.split()[1]], lf_environment(env)
+    cmd = [python, __file__, "--column", {"lf": "llamafactory"}.get(kind, kind),
            "--env", json.dumps(env), "--steps", str(args.steps), "--batch", str(args.batch),
-           "--cutoff", str(args.cutoff)] + (["--bf16"] if bf16 else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--cutoff", str(args.cutoff)] + (["--bf16"] if bf16 else []) + extra
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
@@ -201,6 +310,31 @@ def zhtune_data(env: dict, steps: int, batch: int, cutoff: int) -> tuple[int, di
                "packing_efficiency": bundle.stats["packing_efficiency"]}
 
 
+def lf_columns(args, env: dict) -> list[tuple[str, bool]]:
+    """LLaMA-Factory's columns when --llamafactory names a python that imports it; else none, with the reason."""
+    if not args.llamafactory:
+        print("LLaMA-Factory columns skipped: no --llamafactory PYTHON given (see docs/benchmarks.md)", flush=True)
+        return []
+    fp32 = [c for c in args.lf_configs.split(",") if c]
+    bf16 = [] if args.no_bf16 else [c for c in args.lf_bf16_configs.split(",") if c]
+    unknown = sorted(set(fp32 + bf16) - set(LF_CONFIGS))
+    if unknown:
+        raise SystemExit(f"unknown LLaMA-Factory configuration(s) {unknown}; known: {', '.join(LF_CONFIGS)}")
+    try:
+        probe = subprocess.run([args.llamafactory, "-c", "import llamafactory; print(llamafactory.__version__)"],
+                               capture_output=True, text=True, env=lf_environment(env))
+    except OSError as e:
+        print(f"LLaMA-Factory columns skipped: cannot run {args.llamafactory}: {e}", flush=True)
+        return []
+    if probe.returncode:
+        print(f"LLaMA-Factory columns skipped: {args.llamafactory} cannot import llamafactory:\n"
+              + probe.stderr[-1500:], flush=True)
+        return []
+    print(f"LLaMA-Factory {probe.stdout.strip()} from {args.llamafactory}", flush=True)
+    env["lf_template"] = lf_template_strings()
+    return [(f"lf {c} fp32", False) for c in fp32] + [(f"lf {c} bf16", True) for c in bf16]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per column (about; zhtune runs whole epochs)")
@@ -210,9 +344,16 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast columns")
+    ap.add_argument("--llamafactory", metavar="PYTHON",
+                    help="python of a venv with llamafactory==0.9.5 (see docs/benchmarks.md): adds its columns")
+    ap.add_argument("--lf-configs", default="default,packing,neat,neat-nogc",
+                    help=f"LLaMA-Factory configurations to run, of {','.join(LF_CONFIGS)}")
+    ap.add_argument("--lf-bf16-configs", default="neat-nogc",
+                    help="LLaMA-Factory configurations also run in bf16 (unless --no-bf16); '' for none")
     ap.add_argument("--column", help=argparse.SUPPRESS)
     ap.add_argument("--env", help=argparse.SUPPRESS)
     ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--lf-config", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.column:
         return column_main(args)
@@ -227,9 +368,11 @@ def main() -> None:
     columns = [("plain fp32", False), ("zhtune fp32", False)]
     if not args.no_bf16:
         columns += [("plain bf16", True), ("zhtune bf16", True)]
+    columns += lf_columns(args, env)
     print(f"model: Llama {env['params'] / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}), "
           f"LoRA r=8 on all linears; batch {args.batch}, cutoff_len {args.cutoff}, {args.steps} steps; "
           f"torch threads {torch.get_num_threads()}; work dir {work}", flush=True)
+    print("load average (1, 5, 15 min) at the start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
     results: dict[str, list[dict]] = {name: [] for name, _ in columns}
     peaks: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     for rep in range(args.repeats):
@@ -255,6 +398,31 @@ def report(results: dict, peaks: dict, env: dict, args) -> None:
         r = runs[0]
         print(f"| {name} | {r['steps']} | {r['tokens'] / r['steps']:.0f} | {r['label_tokens'] / r['steps']:.0f} | "
               f"{rate:.1f} | {rate / base:.2f}× | {mfu * 100:.1f}% |")
+    lf_ratios(results)
+    print("load average (1, 5, 15 min) at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+def lf_ratios(results: dict) -> None:
+    """zhtune against LLaMA-Factory's fastest configuration of the same dtype (and the fastest that keeps
+    samples apart: neat_packing), medians of effective tokens/s."""
+    rate = {name: statistics.median(r["label_tokens"] / r["seconds"] for r in runs) for name, runs in results.items()}
+    for dt in ("fp32", "bf16"):
+        ours = rate.get(f"zhtune {dt}")
+        lf = {n: v for n, v in rate.items() if n.startswith("lf ") and n.endswith(dt)}
+        if ours is None or not lf:
+            continue
+        best = max(lf, key=lf.get)
+        line = f"zhtune {dt} / LLaMA-Factory's best {dt} ({best}): {ours / lf[best]:.2f}×"
+        neat = {n: v for n, v in lf.items() if n.startswith("lf neat")}
+        if neat:
+            nbest = max(neat, key=neat.get)
+            line += f"; / its best without cross-sample attention ({nbest}): {ours / neat[nbest]:.2f}×"
+        print(line)
+    lf_all = {n: v for n, v in rate.items() if n.startswith("lf ")}
+    ours_all = {n: v for n, v in rate.items() if n.startswith("zhtune ")}
+    if lf_all and ours_all:
+        a, b = max(ours_all, key=ours_all.get), max(lf_all, key=lf_all.get)
+        print(f"best zhtune ({a}) / best LLaMA-Factory ({b}): {ours_all[a] / lf_all[b]:.2f}×")
 
 
 if __name__ == "__main__":
