@@ -2,19 +2,24 @@
 
     python benchmarks/embedding_init.py                 # ~10 min on 2 cores
     python benchmarks/embedding_init.py --quick         # a smoke run (~2 min)
+    python benchmarks/embedding_init.py --work /tmp/ei  # keep the trained base; later runs reuse it
 
 1. A base tokenizer that knows English (SentencePiece BPE, byte fallback: Chinese costs ~3 tokens per
-   character, as with LLaMA) and a small Llama trained from scratch with it on the bundled Chinese
-   corpus until its held-out loss stops improving (the best checkpoint is kept). A weak base would hide
-   the differences between initialisations.
+   character, as with LLaMA) plus the characters of a few Chinese lines (--base-zh-lines) or the N most
+   frequent Han characters (--base-han N, LLaMA-like), and a small Llama trained from scratch with it on
+   the Chinese corpus until its held-out loss stops improving (the best checkpoint is kept). A weak base
+   would hide the differences between initialisations.
 2. `zhtune vocab train` + `zhtune vocab merge` expand the tokenizer with Chinese pieces.
 3. Per initialisation of the new rows (input embeddings and lm_head): bits per character of the
    held-out Chinese text on day 0 (no training), then continued pre-training (full fine-tuning, same
    corpus, merged tokenizer) and the steps until held-out bits/char is within 2% of the base's.
-   - zhtune:      each new row = mean of the base rows of the piece's text split by the base tokenizer
+   - zhtune:      zhtune's default (embedding_init=auto -> logprob), calibrated on the training
+                  documents as `zhtune train` does with its dataset (no gradient steps)
+   - zhtune-mean: embedding_init=mean: each new row = mean of the base rows of the piece's text
    - random:      N(0, initializer_range) (transformers' resize default)
    - mean:        every new row = the mean of all base rows
    - mean+noise:  the mean of all base rows + N(0, 1/sqrt(hidden)) (LLaMA-Factory's noisy mean)
+   - A/B:         input rows as A, lm_head rows as B (which side costs the day-0 bits)
 Bits per character (total NLL of the held-out documents incl. EOS / characters / ln 2) compares models
 whose tokenizers differ.
 """
@@ -35,7 +40,8 @@ import torch
 
 from zhtune import tiny
 
-INITS = ("zhtune", "random", "mean", "mean+noise")
+INITS = ("zhtune", "zhtune-mean", "random", "mean", "mean+noise")
+CALIBRATION_DOCS = 4096  # training documents zhtune calibrates on, as calibration_texts (<= 65536 positions)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -111,14 +117,25 @@ def train_base(model, tokenizer, train_docs, heldout, args, log) -> tuple[object
 
 # --- initialisations -----------------------------------------------------------------------------
 
-def expand(base_model, merged_tok, base_sp: Path, how: str, seed: int = 0):
-    """A copy of the base model resized to the merged tokenizer, new rows initialised `how`."""
+def expand(base_model, merged_tok, base_sp: Path, how: str, calibration: list[str], seed: int = 0):
+    """A copy of the base model resized to the merged tokenizer, new rows initialised `how`.
+
+    "A/B": input rows as A, lm_head rows as B (which side costs the day-0 bits).
+    """
     from zhtune.model.embeddings import expand_embeddings
 
+    if "/" in how:
+        into, head_from = how.split("/")
+        model = expand(base_model, merged_tok, base_sp, into, calibration, seed)
+        other = expand(base_model, merged_tok, base_sp, head_from, calibration, seed)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.copy_(other.get_output_embeddings().weight)
+        return model
     model = copy.deepcopy(base_model)
     old = model.get_input_embeddings().weight.shape[0]
-    if how == "zhtune":
-        expand_embeddings(model, merged_tok, base_sp)
+    if how in ("zhtune", "zhtune-mean"):
+        expand_embeddings(model, merged_tok, base_sp, calibration=calibration[:CALIBRATION_DOCS],
+                          method="mean" if how == "zhtune-mean" else "auto")
         return model
     model.resize_token_embeddings(len(merged_tok), mean_resizing=False)
     gen = torch.Generator().manual_seed(seed)
@@ -133,6 +150,8 @@ def expand(base_model, merged_tok, base_sp: Path, how: str, seed: int = 0):
             elif how == "mean+noise":
                 noise = torch.randn(new.shape, generator=gen) / math.sqrt(hidden)
                 new.copy_(weight[:old].mean(0) + noise)
+            else:
+                raise SystemExit(f"unknown init {how!r}")
     return model
 
 
@@ -170,6 +189,32 @@ def load_corpus(args) -> tuple[list[str], list[str]]:
     return lines[: -args.heldout_lines], lines[-args.heldout_lines:]
 
 
+def train_llama_like_sp(lines: list[str], han: str, output: Path, vocab_size: int) -> Path:
+    """tiny.train_base_sp's recipe + `han` as required characters: each becomes a piece of its own, as
+    LLaMA's ~700 Han characters are (they cover most running Chinese text); the rest stay bytes."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=0.99995,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_surface=" \u2047 ", num_threads=1, minloglevel=2,
+        max_sentence_length=16384, required_chars=han)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(buf.getvalue())
+    return output
+
+
+def frequent_han(docs: list[str], n: int) -> str:
+    from collections import Counter
+
+    counts = Counter(c for d in docs for c in d if "\u4e00" <= c <= "\u9fff")
+    return "".join(c for c, _ in counts.most_common(n))
+
+
 def build_tokenizers(work: Path, train_docs: list[str], args, log):
     """Base SP (English + a little Chinese, byte fallback) and the merged tokenizer via zhtune vocab."""
     from transformers import AutoTokenizer
@@ -181,8 +226,12 @@ def build_tokenizers(work: Path, train_docs: list[str], args, log):
     en = tiny.asset_lines("en_corpus.txt")
     zh = train_docs
     # like LLaMA: mostly English, a few hundred Chinese characters of its own, bytes for the rest
-    base_sp = tiny.train_base_sp(en * 3 + zh[:args.base_zh_lines], work / "base" / "tokenizer.model",
-                                 vocab_size=args.base_vocab)
+    if args.base_han:  # the LLaMA-like base: the N most frequent Han characters are single pieces
+        base_sp = train_llama_like_sp(en * 3 + zh[:args.base_zh_lines], frequent_han(zh, args.base_han),
+                                      work / "base" / "tokenizer.model", args.base_vocab + args.base_han)
+    else:
+        base_sp = tiny.train_base_sp(en * 3 + zh[:args.base_zh_lines], work / "base" / "tokenizer.model",
+                                     vocab_size=args.base_vocab)
     base_dir = write_hf_tokenizer(base_sp, work / "base_hf")
     corpus_file = work / "zh_train.txt"
     corpus_file.write_text("\n".join(train_docs) + "\n", encoding="utf-8")
@@ -192,9 +241,44 @@ def build_tokenizers(work: Path, train_docs: list[str], args, log):
     vocab_merge(["--base", str(base_sp), "--add", str(zh_model), "--output", str(work / "merged"), "--overwrite"])
     merged_dir = work / "merged" / "merged_tokenizer_hf"
     base_tok, merged_tok = AutoTokenizer.from_pretrained(str(base_dir)), AutoTokenizer.from_pretrained(str(merged_dir))
-    log(f"tokenizers: base {len(base_tok)}, merged {len(merged_tok)} "
+    singles = sum(1 for p in base_tok.get_vocab() if len(p.lstrip("\u2581")) == 1 and "\u4e00" <= p[-1] <= "\u9fff")
+    log(f"tokenizers: base {len(base_tok)} ({singles} single Han characters), merged {len(merged_tok)} "
         f"({len(merged_tok) - len(base_tok)} Chinese pieces added)")
     return base_sp, base_tok, merged_tok
+
+
+BASE_KEYS = ("corpus", "corpus_lines", "heldout_lines", "hidden", "layers", "base_vocab", "zh_vocab", "base_zh_lines",
+             "base_han", "block", "batch", "base_lr", "base_max_steps", "eval_every_base", "patience")
+
+
+def prepare_base(work: Path, train_docs, heldout, args, log):
+    """(base SP model, merged tokenizer, trained base model, its bits/char, its steps), reused from `work`
+    when an earlier run with the same arguments left them there."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    key = {k: getattr(args, k) for k in BASE_KEYS}
+    key["corpus"] = [str(c) for c in key["corpus"]]
+    saved = work / "base_model" / "bench.json"
+    if saved.is_file() and json.loads(saved.read_text())["key"] == key:
+        info = json.loads(saved.read_text())
+        model = LlamaForCausalLM.from_pretrained(str(work / "base_model"))
+        merged_tok = AutoTokenizer.from_pretrained(str(work / "merged" / "merged_tokenizer_hf"))
+        log(f"reusing the base in {work}: {info['bpc']:.4f} bits/char (step {info['steps']}), "
+            f"merged tokenizer {len(merged_tok)}")
+        return work / "base" / "tokenizer.model", merged_tok, model, info["bpc"], info["steps"]
+    base_sp, base_tok, merged_tok = build_tokenizers(work, train_docs, args, log)
+    config = tiny.tiny_llama_config(len(base_tok), hidden_size=args.hidden, num_layers=args.layers,
+                                    num_heads=4, num_kv_heads=4, intermediate_size=args.hidden * 11 // 4,
+                                    max_position=1024)
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"base model: Llama hidden {args.hidden}, {args.layers} layers, {n_params / 1e6:.2f}M parameters")
+    model, base_bpc, base_steps = train_base(model, base_tok, train_docs, heldout, args, log)
+    log(f"base: {base_bpc:.4f} bits/char (best at step {base_steps})")
+    if args.work:
+        model.save_pretrained(str(work / "base_model"))
+        saved.write_text(json.dumps({"key": key, "bpc": base_bpc, "steps": base_steps}))
+    return base_sp, merged_tok, model, base_bpc, base_steps
 
 
 def parse_args(argv):
@@ -207,6 +291,12 @@ def parse_args(argv):
     p.add_argument("--zh-vocab", type=int, default=3000)
     p.add_argument("--base-zh-lines", type=int, default=20,
                    help="Chinese lines in the base tokenizer's training text (0: Chinese is all bytes)")
+    p.add_argument("--base-han", type=int, default=0,
+                   help="the N most frequent Han characters of the corpus are single pieces of the base tokenizer "
+                        "(LLaMA-like: its ~700 cover most Chinese text); 0: nearly every character is 3 bytes")
+    p.add_argument("--inits", nargs="*", default=list(INITS), help=f"which initialisations (default: {INITS})")
+    p.add_argument("--work", type=Path, default=None,
+                   help="keep the tokenizers and the trained base here, and reuse them when the arguments match")
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--base-lr", type=float, default=3e-3)
@@ -239,22 +329,13 @@ def main(argv=None) -> int:
 
     train_docs, heldout = load_corpus(args)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        base_sp, base_tok, merged_tok = build_tokenizers(work, train_docs, args, log)
-        from transformers import LlamaForCausalLM
-
-        config = tiny.tiny_llama_config(len(base_tok), hidden_size=args.hidden, num_layers=args.layers,
-                                        num_heads=4, num_kv_heads=4, intermediate_size=args.hidden * 11 // 4,
-                                        max_position=1024)
-        model = LlamaForCausalLM(config)
+        work = args.work or Path(tmp)
+        base_sp, merged_tok, model, base_bpc, base_steps = prepare_base(work, train_docs, heldout, args, log)
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"base model: Llama hidden {args.hidden}, {args.layers} layers, {n_params / 1e6:.2f}M parameters")
-        model, base_bpc, base_steps = train_base(model, base_tok, train_docs, heldout, args, log)
-        log(f"base: {base_bpc:.4f} bits/char (best at step {base_steps})")
         target = base_bpc * 1.02
         rows = []
-        for how in INITS:
-            expanded = expand(model, merged_tok, Path(base_sp), how)
+        for how in args.inits:
+            expanded = expand(model, merged_tok, Path(base_sp), how, train_docs)
             day0 = bits_per_char(expanded, merged_tok, heldout)
             log(f"{how}: day 0 {day0:.4f} bits/char ({day0 / base_bpc:.3f}x base)")
             steps, best = steps_to_target(expanded, merged_tok, train_docs, heldout, target, args, log, how)
@@ -267,7 +348,7 @@ def main(argv=None) -> int:
 
 
 def print_table(rows, base_bpc, base_steps, args, n_params, seconds):
-    random_steps = next(r["steps_to_2pct"] for r in rows if r["init"] == "random")
+    random_steps = next((r["steps_to_2pct"] for r in rows if r["init"] == "random"), None)
     cap = args.cpt_max_steps
     print(f"\nbase: {base_bpc:.4f} bits/char on held-out Chinese (trained {base_steps} steps, "
           f"{n_params / 1e6:.2f}M params); target within 2%: {base_bpc * 1.02:.4f}")
@@ -277,7 +358,7 @@ def print_table(rows, base_bpc, base_steps, args, n_params, seconds):
         steps = r["steps_to_2pct"]
         shown = str(steps) if steps is not None else f"> {cap} (best {r['best_bpc']:.4f})"
         ratio = "n/a"
-        if steps is not None:
+        if steps is not None and random_steps is not None:
             ratio = f"{steps / random_steps:.2f}" if random_steps else ("1.00" if steps == 0 else "n/a (random: 0)")
         print(f"| {r['init']} | {r['day0_bpc']:.4f} | {r['day0_ratio']:.3f}x | {shown} | {ratio} |")
     print(f"\n({seconds / 60:.1f} min, {args.threads} torch threads)")

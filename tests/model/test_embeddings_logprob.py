@@ -89,9 +89,18 @@ def test_expected_counts_of_new_pieces_match_the_calibration_text(trained):
     docs = docs[:60]
     fitted, info = _expand(trained, "logprob", docs)
     assert info.fit["positions"] < 16384  # every position of these documents was read
-    # this base spells every Chinese piece with bytes: their input rows are the neutral mean of all base rows
+    # this base spells every Chinese character with bytes: each reads as the neutral mean of all base rows,
+    # and a word-initial piece ("▁中国") is the weighted mean (1, 2, 4, ...) of ▁'s row and those
     old, emb = info.old_vocab, fitted.get_input_embeddings().weight
-    torch.testing.assert_close(emb[old:], emb[:old].mean(0).expand_as(emb[old:]))
+    neutral, space = emb[:old].mean(0), emb[grown_tok.convert_tokens_to_ids("\u2581")]
+    for i in range(old, info.new_vocab):
+        piece = grown_tok.convert_ids_to_tokens(i)
+        n = len(piece.lstrip("\u2581"))
+        if piece.startswith("\u2581"):
+            want = (space + neutral * sum(2.0 ** j for j in range(1, n + 1))) / (2.0 ** (n + 1) - 1)
+        else:
+            want = neutral
+        torch.testing.assert_close(emb[i], want)
     old = info.old_vocab
     expected, counts = torch.zeros(info.new_vocab - old), torch.zeros(info.new_vocab - old)
     with torch.no_grad():
@@ -135,3 +144,24 @@ def test_train_fits_new_rows_from_its_dataset(tiny_model_dir, grown_tokenizer_di
     assert expansion.grew and expansion.method == "logprob" and expansion.fit["positions"] > 1000
     _, _, expansion = prepare_model(load_config(TrainConfig, None, args + ["embedding_init=mean"], TRAIN_ALIASES))
     assert expansion.method == "mean"
+
+
+def test_qlora_base_calibrates_and_still_trains(tmp_path, tiny_model_dir, grown_tokenizer_dir):
+    """The calibration forward runs on the 4-bit base before the adapter: LoRA must still get gradients
+    afterwards (bitsandbytes repacks 4-bit weights after an eval-mode no-grad forward on the CPU)."""
+    pytest.importorskip("bitsandbytes")
+    from zhtune.config import TRAIN_ALIASES, TrainConfig, load_config
+    from zhtune.train.common import prepare_model
+
+    data = tmp_path / "zh.txt"
+    data.write_text("\n".join(tiny.asset_lines("zh_corpus.txt")[:40]) + "\n", encoding="utf-8")
+    args = [f"model_name_or_path={tiny_model_dir}", f"tokenizer_name_or_path={grown_tokenizer_dir}",
+            "output_dir=unused", "stage=pt", f"dataset=[{data}]", "finetuning_type=qlora",
+            "quantization_bit=4", "lora_rank=4", "lora_dropout=0", "gradient_checkpointing=false"]
+    tok, model, expansion = prepare_model(load_config(TrainConfig, None, args, TRAIN_ALIASES))
+    assert expansion.method == "logprob"
+    ids = tok("中国的首都是北京。", return_tensors="pt").input_ids
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if "lora_B" in n and p.grad is not None]
+    assert grads and all(g > 0 for g in grads)

@@ -7,11 +7,12 @@ new row of the input embeddings and of the output head is the mean of the base r
 BASE tokenizer splits that piece's text into ("中国" -> <0xE4><0xB8>... -> mean). "logprob" (the
 default when the head is untied and there is training text to calibrate on): the output rows are
 fitted so a new piece's day-0 probability tracks the base's probability of its whole text, and
-byte-spelled pieces read as a neutral row; see expand_embeddings and benchmarks/embedding_init.py.
+input rows weigh the piece's last characters most, byte-spelled ones as a neutral row; see expand_embeddings and benchmarks/embedding_init.py.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ def base_tokenizer_path(cfg) -> Path | None:
     return None
 
 
-def calibration_texts(cfg, limit: int = 512) -> list[str]:
+def calibration_texts(cfg, limit: int = 4096) -> list[str]:
     """Up to `limit` texts of the training data (documents, or an SFT/DPO record's turns joined), for
     fit_output_rows. Unreadable data gives [] here: the data loader reports it, with file:line, next."""
     if cfg.embedding_init == "mean" or not cfg.dataset:
@@ -114,8 +115,8 @@ def expand_embeddings(model, tokenizer, base: Path | None, calibration=None, met
 
     method "mean": both rows = the mean of the base rows of the piece's text. "logprob" (what "auto"
     picks when `calibration` texts, or a function returning them, are given and the head is not tied):
-    input rows as "mean" except pieces the base spells with bytes, which get the mean of all base rows
-    (_neutral_byte_rows); lm_head rows = the first base piece's row + c_t * u, fitted so the new piece's
+    input rows = a weighted mean over the piece's characters, byte-spelled ones neutral
+    (_reading_rows); lm_head rows = the first base piece's row + c_t * u, fitted so the new piece's
     day-0 probability tracks the base's probability of its whole text (fit_output_rows).
     """
     import torch
@@ -154,8 +155,11 @@ def expand_embeddings(model, tokenizer, base: Path | None, calibration=None, met
         raise ZhtuneError("embedding_init=logprob needs calibration text", where="embedding_init",
                           expected="a dataset, or embedding_init=mean")
     with torch.no_grad():
-        _neutral_byte_rows(inp, old, sources, _byte_ids(tokenizer, old))
-    info.fit = fit_output_rows(model, tokenizer, old, sources, calibration)
+        _reading_rows(inp, old, sources, tokenizer)
+    base_seqs = _sequences(map(_base_text_encoder(base, old), calibration), *_base_bos_eos(base), 65536)
+    offsets, prefixes = context_offsets(model, old, sources, base_seqs)
+    info.fit = fit_output_rows(model, tokenizer, old, sources, calibration, offsets=offsets)
+    info.fit["context_prefixes"] = prefixes
     info.method = "logprob"
     return info
 
@@ -168,28 +172,76 @@ def _mean_rows(weight, old: int, sources: list[list[int]]) -> None:
         weight[old + offset] = row.to(weight.dtype)
 
 
-def _byte_ids(tokenizer, old: int) -> set[int]:
-    """The base's byte-fallback pieces <0xNN> (ids below `old`)."""
+def _byte_ids(tokenizer, old: int) -> dict[int, int]:
+    """The base's byte-fallback pieces <0xNN> (ids below `old`) -> their byte value."""
     ids = tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in range(256)])
     unk = tokenizer.unk_token_id
-    return {i for i in ids if i is not None and i != unk and i < old}
+    return {i: b for b, i in enumerate(ids) if i is not None and i != unk and i < old}
 
 
-def _neutral_byte_rows(inp, old: int, sources: list[list[int]], byte_ids: set[int]) -> None:
-    """Input rows of pieces the base spells with bytes (a character it never saw whole) = the mean of all
-    base rows. Why: a mean of <0xE4><0xB8><0xAD>'s rows reads to the base like a lead byte, so it expects
-    continuation bytes next; a neutral row lets it predict from the context (measured on the
-    embedding_init benchmark: day-0 bits/char 1.114x -> 1.076x the base). Pieces spelled by pieces
-    the base knows whole ("质量" = 质 + 量) keep the mean of those rows."""
-    neutral = inp[:old].float().mean(0).to(inp.dtype)
+def _reading_rows(inp, old: int, sources: list[list[int]], tokenizer) -> None:
+    """Input rows for "logprob": a weighted mean over the piece's CHARACTERS, weights 1, 2, 4, ... toward
+    the last one. A character the base has whole is its row; one the base spells with bytes reads as
+    the mean of the base's single-character rows of the same script (an average Han character; the
+    mean of all base rows if the base has none). Why: the mean of <0xE4><0xB8><0xAD>'s rows reads to
+    the base like a lead byte, so it expects continuation bytes next; and what follows a word depends
+    most on its last character. Measured on benchmarks/embedding_init.py (day-0 bits/char / base, with
+    the fitted head): mean of the base rows 1.119x, this 1.074x; base with 824 whole Han characters:
+    1.142x -> 1.121x."""
+    import torch
+
+    byte_value = _byte_ids(tokenizer, old)
+    neutral = _script_means(inp, old, tokenizer)
     for k, ids in enumerate(sources):
-        if any(i in byte_ids for i in ids):
-            inp[old + k] = neutral
+        units: list = []  # base ids, or bytes of a character the base spells with byte pieces
+        for i in ids:
+            if i not in byte_value:
+                units.append(i)
+            elif units and isinstance(units[-1], bytes) and 0x80 <= byte_value[i] < 0xC0:
+                units[-1] += bytes([byte_value[i]])  # a continuation byte of the same character
+            else:
+                units.append(bytes([byte_value[i]]))
+        if not units:
+            continue
+        weights = torch.tensor([2.0 ** j for j in range(len(units))])
+        vecs = torch.stack([inp[u].float() if isinstance(u, int) else neutral(u) for u in units])
+        inp[old + k] = (weights[:, None] * vecs).sum(0).div(weights.sum()).to(inp.dtype)
+
+
+def _script(char: str) -> str:
+    """'CJK' for 中, 'HIRAGANA', 'LATIN', ...: the first word of the character's Unicode name."""
+    import unicodedata
+
+    return unicodedata.name(char, "?").split(" ")[0]
+
+
+def _script_means(inp, old: int, tokenizer):
+    """bytes of one character -> the mean input row of the base's single characters of its script."""
+    import torch
+
+    everything = inp[:old].float().mean(0)
+    by_script: dict[str, list[int]] = {}
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(old)))):
+        text = (piece or "").lstrip("\u2581")
+        if len(text) == 1 and not _BYTE_PIECE.match(piece or ""):
+            by_script.setdefault(_script(text), []).append(i)
+    means: dict[str, torch.Tensor] = {}
+
+    def neutral(data: bytes):
+        text = data.decode("utf-8", errors="ignore")
+        key = _script(text[0]) if len(text) == 1 else ""
+        if key not in means:
+            ids = by_script.get(key)
+            means[key] = inp[ids].float().mean(0) if ids else everything
+        return means[key]
+
+    return neutral
 
 
 def fit_output_rows(model, tokenizer, old: int, sources: list[list[int]], texts: list[str],
-                    max_positions: int = 16384, iterations: int = 30, alpha: float = 0.5, offsets=None) -> dict:
-    """Set each new lm_head row to w[first base piece] + c_t * u, from one forward pass over `texts`.
+                    max_positions: int = 65536, iterations: int = 30, alpha: float = 0.5, offsets=None) -> dict:
+    """Set each new lm_head row to w[first base piece] (+ offsets) + c_t * u, from one forward pass over
+    `texts` (tokenized by the merged `tokenizer`, at most `max_positions` positions).
 
     Why: a mean of byte rows scores a new piece like the average of its bytes' logits, but the base
     gives the whole text log P(b1) + log P(b2 | b1) + ...: the first piece's row carries the first
@@ -198,7 +250,8 @@ def fit_output_rows(model, tokenizer, old: int, sources: list[list[int]], texts:
     c_t * u to a row adds ≈ c_t to its logit at every position. c_t is fitted without gradients
     (iterative proportional fitting): each new piece's expected count under the day-0 softmax over
     the calibration positions is made equal to its count there (+ alpha), which also accounts for
-    the probability the old byte rows keep.
+    the probability the old byte rows keep. `offsets` (context_offsets) make the rest context-dependent.
+    Cost: max_positions x new pieces x hidden multiply-adds per iteration (seconds on a GPU for 7B).
     """
     import torch
 
@@ -216,59 +269,129 @@ def fit_output_rows(model, tokenizer, old: int, sources: list[list[int]], texts:
     counts = torch.bincount((nxt[nxt >= old] - old).to(h.device), minlength=len(sources)).float() + alpha
     z_old = torch.cat([torch.logsumexp(part @ w_old.T, -1) for part in h.split(1024)])  # (N,)
     c = torch.zeros(len(sources), device=h.device)
+    # the base logits of the new rows do not change between iterations: keep them when they are small
+    cached = [part @ rows.T for part in h.split(1024)] if len(h) * len(sources) <= 5e7 else None
     for _ in range(iterations):
         expected = torch.zeros_like(c)
-        for part, p, zo in zip(h.split(1024), proj.split(1024), z_old.split(1024)):
-            z = part @ rows.T + p[:, None] * c[None]                             # (chunk, new)
+        for n, (part, p, zo) in enumerate(zip(h.split(1024), proj.split(1024), z_old.split(1024))):
+            z = (cached[n] if cached else part @ rows.T) + p[:, None] * c[None]  # (chunk, new)
             total = torch.logaddexp(zo, torch.logsumexp(z, -1))
             expected += torch.exp(z - total[:, None]).sum(0)
-        step = counts.log() - expected.log()
-        c = (c + step).clamp(-30.0, 10.0)
-        if float(step.abs().max()) < 0.01:  # every expected count within 1% of its target
+        gap = counts.log() - expected.log()
+        if float(gap.abs().max()) < 0.01:  # every expected count within 1% of its target
             break
+        # plus the shift that moves the new pieces' total share from S to T at once (raising every c_t
+        # also raises the normaliser: plain proportional fitting creeps there slowly)
+        share, goal = min(float(expected.sum()) / len(h), 0.999), min(float(counts.sum()) / len(h), 0.999)
+        c = (c + gap + math.log((1 - share) / (1 - goal))).clamp(-30.0, 10.0)
     with torch.no_grad():
         head[old:] = (rows + c[:, None] * u[None]).to(head.dtype)
-    return {"positions": int(len(nxt)), "bias_fit_rms": float((proj - 1).pow(2).mean().sqrt()),
+    return {"positions": len(nxt), "bias_fit_rms": float((proj - 1).pow(2).mean().sqrt()),
             "seen_pieces": int((counts > alpha).sum())}
 
 
-def _calibration_states(model, tokenizer, texts: list[str], max_positions: int, block: int = 512,
-                        batch: int = 8):
-    """Final hidden states (N, d) float32 on the CPU and the next token ids (N,) of `texts` (BOS + text
-    + EOS, each cut to `block` tokens), until `max_positions` positions."""
+def _calibration_states(model, tokenizer, texts: list[str], max_positions: int):
+    """Final hidden states (N, d) float32 on the CPU and the next token ids (N,) of `texts` tokenized by
+    `tokenizer` (BOS + text + EOS), until `max_positions` positions."""
     import torch
 
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    seqs = _sequences((tokenizer(t, add_special_tokens=False).input_ids for t in texts), bos, eos, max_positions)
+    states, nexts = [], []
+    for seq, hidden in _forward(model, seqs):  # positions 0..len-2 predict tokens 1..len-1
+        states.append(hidden[:-1].cpu())
+        nexts.append(torch.tensor(seq[1:]))
+    return torch.cat(states)[:max_positions], torch.cat(nexts)[:max_positions]
+
+
+def _sequences(encoded, bos, eos, max_positions: int, block: int = 512) -> list[list[int]]:
+    """BOS + ids + EOS, each cut to `block` tokens, until `max_positions` predicted positions."""
     seqs, total = [], 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
-        ids = (ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))[:block]
+    for ids in encoded:
+        ids = (([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else []))[:block]
         if len(ids) > 1:
             seqs.append(ids)
             total += len(ids) - 1
         if total >= max_positions:
             break
+    return seqs
+
+
+def _forward(model, seqs: list[list[int]], batch: int = 8):
+    """Yield (seq, final hidden states (len, d) float32) for each sequence, batched by length."""
+    import torch
+
     device = model.get_input_embeddings().weight.device
     decoder, was_training = model.get_decoder(), model.training
     # train mode: an eval-mode forward repacks bitsandbytes' 4-bit weights on the CPU, after which
     # QLoRA gets no gradients (docs NOTES); Llama-family models have no dropout to disturb the states
     model.train()
-    states, nexts = [], []
-    seqs.sort(key=len)
-    with torch.no_grad():
-        for start in range(0, len(seqs), batch):
-            group = seqs[start:start + batch]
-            width = max(map(len, group))
-            ids = torch.zeros(len(group), width, dtype=torch.long)
-            mask = torch.zeros(len(group), width, dtype=torch.long)
-            for row, seq in enumerate(group):
-                ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
-            out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            for row, seq in enumerate(group):  # positions 0..len-2 predict tokens 1..len-1
-                states.append(out[row, :len(seq) - 1].float().cpu())
-                nexts.append(torch.tensor(seq[1:]))
-    model.train(was_training)
-    return torch.cat(states)[:max_positions], torch.cat(nexts)[:max_positions]
+    seqs = sorted(seqs, key=len)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(seqs), batch):
+                group = seqs[start:start + batch]
+                width = max(map(len, group))
+                ids = torch.zeros(len(group), width, dtype=torch.long)
+                mask = torch.zeros(len(group), width, dtype=torch.long)
+                for row, seq in enumerate(group):
+                    ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+                out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+                for row, seq in enumerate(group):
+                    yield seq, out[row, :len(seq)].float()
+    finally:
+        model.train(was_training)
+
+
+def context_offsets(model, old: int, sources: list[list[int]], base_seqs: list[list[int]],
+                    min_samples: int = 30, ridge: float = 3.0):
+    """(new pieces, d) lm_head offsets so a piece's logit follows the base's context-dependent
+    log P(rest of its spelling | context, its first base piece), not just its average.
+
+    From one teacher-forced pass of the base over `base_seqs` (calibration text in BASE tokens): where
+    the text continues with a prefix p of some new piece's spelling (e.g. <0xE4>, or 质), the base's
+    log-probabilities of p's possible next pieces there are regression targets on the hidden state h
+    just before p. A ridge fit per prefix (centred: the IPF in fit_output_rows sets the levels) gives
+    each child a direction; a piece's offset sums them over its prefixes. Prefixes seen fewer than
+    `min_samples` times add nothing.
+    """
+    import torch
+
+    children: dict[tuple, dict[int, list[int]]] = {}      # prefix -> next base piece -> new pieces
+    for k, ids in enumerate(sources):
+        for n in range(1, len(ids)):
+            children.setdefault(tuple(ids[:n]), {}).setdefault(ids[n], []).append(k)
+    w_old = model.get_output_embeddings().weight.detach()[:old].float()
+    feats: dict[tuple, list] = {}
+    targets: dict[tuple, list] = {}
+    for seq, hidden in _forward(model, base_seqs):
+        for j in range(len(seq) - 1):
+            prefix = (seq[j + 1],)
+            while prefix in children and j + len(prefix) < len(seq):  # walk the text down the prefix tree
+                logp = torch.log_softmax(hidden[j + len(prefix)].to(w_old) @ w_old.T, -1)  # (old,)
+                feats.setdefault(prefix, []).append(hidden[j].cpu())
+                targets.setdefault(prefix, []).append(logp[list(children[prefix])].cpu())
+                if j + len(prefix) + 1 >= len(seq):
+                    break
+                prefix = prefix + (seq[j + len(prefix) + 1],)
+    d = w_old.shape[1]
+    offsets, fitted = torch.zeros(len(sources), d), 0
+    for prefix, rows in feats.items():
+        if len(rows) < min_samples:
+            continue
+        h = torch.stack(rows)
+        h = h - h.mean(0)                                                    # (n, d)
+        y = torch.stack(targets[prefix])
+        y = y - y.mean(0)                                                    # (n, children)
+        lam = ridge * h.pow(2).sum() / d
+        if len(h) < d:  # dual form: an n x n solve
+            coef = h.T @ torch.linalg.solve(h @ h.T + lam * torch.eye(len(h)), y)
+        else:
+            coef = torch.linalg.solve(h.T @ h + lam * torch.eye(d), h.T @ y)  # (d, children)
+        for col, pieces in enumerate(children[prefix].values()):
+            offsets[pieces] += coef[:, col]
+        fitted += 1
+    return offsets, fitted
 
 
 def _piece_bytes(tokenizer, token_id: int) -> bytes:
@@ -300,6 +423,31 @@ def _base_encoder(base: Path, limit: int):
         return [i for i in ids if i < limit and i != tok.unk_token_id]
 
     return encode
+
+
+def _base_text_encoder(base: Path, limit: int):
+    """text -> base token ids (< limit) the way the base reads running text (dummy prefix and all)."""
+    if base.is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(base))
+        return lambda text: [i for i in sp.encode(text) if i < limit]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    return lambda text: [i for i in tok.encode(text, add_special_tokens=False) if i < limit]
+
+
+def _base_bos_eos(base: Path) -> tuple[int | None, int | None]:
+    if base.is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(base))
+        return (sp.bos_id() if sp.bos_id() >= 0 else None), (sp.eos_id() if sp.eos_id() >= 0 else None)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    return tok.bos_token_id, tok.eos_token_id
 
 
 def _sp_encoder(model_file: Path, limit: int):
