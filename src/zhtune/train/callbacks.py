@@ -61,7 +61,9 @@ def describe_setup(cfg, expansion, summary: dict, stats: dict, resume: str | Non
         + (f", {cfg.quantization_bit}-bit" if cfg.quantization_bit else "") + ")",
         f"模型 model:        {cfg.model_name_or_path}",
         f"词表 vocabulary:   {expansion.old_vocab} -> {expansion.new_vocab}"
-        + (f" (new rows from {expansion.base_tokenizer})" if expansion.grew else ""),
+        + (f" (new rows: {expansion.method or 'mean'} init from {expansion.base_tokenizer}"
+           + (f", {expansion.fit['positions']:,} calibration positions" if expansion.fit.get("positions") else "")
+           + ")" if expansion.grew else ""),
         f"可训练 trainable:  {summary['trainable_params']:,} / {summary['total_params']:,} parameters",
     ]
     if summary.get("lora_target"):
