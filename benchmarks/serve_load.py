@@ -206,7 +206,7 @@ def raw_decode_rate(gguf: str, levels: list[int], prompt_len: int = 32, steps: i
     params.n_ctx = n * (prompt_len + steps * len(levels) + 8)   # a multiple of n: one stream each
     params.n_batch = params.n_ubatch = 512
     params.n_seq_max = n
-    params.n_threads, params.n_threads_batch = max(1, cpus // 2), cpus
+    params.n_threads = params.n_threads_batch = max(1, cpus // 2)   # the engine's default
     ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
     batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
     b, pos, rates = batch.batch, [0] * n, {}

@@ -148,12 +148,12 @@ def test_bad_gguf_inputs(tmp_path, gguf_file, lora_dir):
 
 
 def test_thread_counts_reach_the_llama_context(gguf_file, monkeypatch):
-    """One-token steps on half the CPUs and batches on all by default (llama-cpp-python's rule);
-    --threads alone covers batches too (llama.cpp's -t); --threads-batch sets batches alone."""
+    """Half the CPUs for every step by default (llama.cpp's server default); --threads sets both
+    (llama.cpp's -t); --threads-batch sets batched steps alone (-tb)."""
     import llama_cpp
 
     monkeypatch.setattr("os.cpu_count", lambda: 4)
-    for options, want in (({}, (2, 4)), ({"n_threads": 1}, (1, 1)), ({"n_threads": 1, "n_threads_batch": 3}, (1, 3))):
+    for options, want in (({}, (2, 2)), ({"n_threads": 1}, (1, 1)), ({"n_threads": 1, "n_threads_batch": 3}, (1, 3))):
         with load_engine(str(gguf_file), n_parallel=2, **options) as eng:
             got = (llama_cpp.llama_n_threads(eng.ctx.ctx), llama_cpp.llama_n_threads_batch(eng.ctx.ctx))
             assert got == want, options

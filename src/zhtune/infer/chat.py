@@ -60,9 +60,9 @@ def add_model_args(p) -> None:
     p.add_argument("--load-in-4bit", action="store_true", help="hf: 4-bit nf4 weights (bitsandbytes)")
     p.add_argument("--num-gpus", type=int, default=None, help="hf/vllm: GPUs to spread the model over")
     p.add_argument("--threads", type=int, default=None,
-                   help="llamacpp: CPU threads (default: half the CPUs for one-token steps, all for batches)")
+                   help="llamacpp: CPU threads (default: half the logical CPUs)")
     p.add_argument("--threads-batch", type=int, default=None,
-                   help="llamacpp: CPU threads for prompts and batched steps (default: --threads, else all CPUs)")
+                   help="llamacpp: CPU threads for prompts and batched steps (default: --threads)")
 
 
 def add_gen_args(p) -> None:

@@ -86,13 +86,15 @@ class LlamaCppEngine(Engine):
             raise ZhtuneError("the llamacpp backend needs llama-cpp-python", where="--backend",
                               hint="CMAKE_ARGS=-DGGML_NATIVE=off pip install 'zhtune[gguf]'") from None
         self.path = _check_gguf(model)
-        # By default (llama-cpp-python's): one-token steps on half the logical CPUs (decoding one row
-        # gains little from a second thread, and ggml's spinning thread barrier collapses when threads
-        # outnumber free cores), multi-token steps (prompts, many streams: compute-bound) on all of them. A given
-        # n_threads also covers batches unless n_threads_batch is given (llama.cpp's -t / -tb).
+        # Default: half the logical CPUs (one per physical core: llama.cpp's own server default) for
+        # every step. Not all CPUs for batched steps (llama-cpp-python's n_threads_batch default):
+        # ggml's threads spin at a barrier, and when they outnumber free cores (our HTTP server and
+        # its clients also need one) steps take several times longer (measured: 16 served streams
+        # on 2 cores shared with a training job fell from ~400 to 61 tokens/s with 2 batch threads).
+        # n_threads_batch raises it where cores are free.
         cpus = os.cpu_count() or 1
         self._threads = int(n_threads or max(1, cpus // 2))
-        self._threads_batch = int(n_threads_batch or n_threads or max(self._threads, cpus))
+        self._threads_batch = int(n_threads_batch or self._threads)
         self._kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=self._threads,
                             n_threads_batch=self._threads_batch, verbose=False)
         try:   # this context is only used for embeddings' settings; decoding has its own (_open_context)

@@ -573,8 +573,8 @@ def _parser():
     p.add_argument("--threads", type=int, default=None,
                    help="llamacpp: CPU threads for one-token steps (default: half the CPUs)")
     p.add_argument("--threads-batch", type=int, default=None,
-                   help="llamacpp: CPU threads for prompts and steps of several streams (default: --threads, "
-                        "else all CPUs)")
+                   help="llamacpp: CPU threads for prompts and steps of several streams (default: --threads; "
+                        "raise it only where cores are free: the HTTP side needs one)")
     p.add_argument("--print-vllm-command", action="store_true",
                    help="write our chat template to a file and print the command for vLLM's own server")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
