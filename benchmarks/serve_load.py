@@ -106,7 +106,7 @@ async def _served_level(url: str, texts: list[str], concurrency: int, tokens: in
     return summarize(results, wall)
 
 
-def start_server(model: str, backend: str, max_concurrency: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, backend: str, max_concurrency: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     import httpx
 
     log = tempfile.TemporaryFile("w+")   # a pipe nobody reads would block the server once full
@@ -116,7 +116,7 @@ def start_server(model: str, backend: str, max_concurrency: int) -> tuple[subpro
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "zhtune", "serve", "--model", model, "--backend", backend,
                              "--port", str(port), "--served-model-name", "bench", "--max-concurrency",
-                             str(max_concurrency), "--log-level", "warning"],
+                             str(max_concurrency), "--log-level", "warning", *extra],
                             stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -133,13 +133,17 @@ def start_server(model: str, backend: str, max_concurrency: int) -> tuple[subpro
     raise RuntimeError("zhtune serve did not start in 300 s")
 
 
-def run_backend(model: str, backend: str, levels: list[int], rounds: int, tokens: int, repeats: int) -> dict:
+def run_backend(model: str, backend: str, levels: list[int], rounds: int, tokens: int, repeats: int,
+                threads_batch: int | None = None) -> dict:
     """{(level, "served" | "direct"): medians over repeats}; served and direct alternate level by level
     so both see the same machine load (this machine is shared and noisy)."""
     from zhtune.infer.engine import load_engine
 
-    proc, url = start_server(model, backend, max(levels))
-    options = {"n_parallel": max(levels)} if backend == "llamacpp" else {"max_batch_size": max(levels)}
+    cpp = backend == "llamacpp"
+    extra = ["--threads-batch", str(threads_batch)] if cpp and threads_batch else []
+    proc, url = start_server(model, backend, max(levels), extra)
+    options = ({"n_parallel": max(levels), "n_threads_batch": threads_batch} if cpp
+               else {"max_batch_size": max(levels)})
     engine = load_engine(model, backend=backend, **options)
     runs: dict = {}
     try:
@@ -192,7 +196,8 @@ def _direct_level(engine, texts: list[str], concurrency: int, tokens: int) -> di
 
 
 # --- what llama.cpp itself can do: decode steps of k rows, no engine ------------------------------
-def raw_decode_rate(gguf: str, levels: list[int], prompt_len: int = 32, steps: int = 24) -> dict:
+def raw_decode_rate(gguf: str, levels: list[int], threads_batch: int | None = None, prompt_len: int = 32,
+                    steps: int = 24) -> dict:
     """Tokens/s of bare llama_decode steps that advance k sequences by one token each (k in levels),
     after a prompt_len-token prompt per sequence: the library's own ceiling for batched decoding on
     this CPU, with the engine's default thread counts. Runs in a child process (see main)."""
@@ -206,7 +211,8 @@ def raw_decode_rate(gguf: str, levels: list[int], prompt_len: int = 32, steps: i
     params.n_ctx = n * (prompt_len + steps * len(levels) + 8)   # a multiple of n: one stream each
     params.n_batch = params.n_ubatch = 512
     params.n_seq_max = n
-    params.n_threads = params.n_threads_batch = max(1, cpus // 2)   # the engine's default
+    params.n_threads = max(1, cpus // 2)   # the engine's defaults
+    params.n_threads_batch = threads_batch or params.n_threads
     ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
     batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
     b, pos, rates = batch.batch, [0] * n, {}
@@ -242,10 +248,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--quant", default="q8_0", help="GGUF quantization for the llamacpp backend")
+    ap.add_argument("--threads-batch", type=int, default=None,
+                    help="llamacpp: threads for batched steps (server, direct engine and the bare library)")
     ap.add_argument("--raw-rate", metavar="GGUF", help=argparse.SUPPRESS)   # child process mode
     args = ap.parse_args()
     if args.raw_rate:
-        print(json.dumps(raw_decode_rate(args.raw_rate, args.levels)))
+        print(json.dumps(raw_decode_rate(args.raw_rate, args.levels, args.threads_batch)))
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -270,14 +278,16 @@ def main() -> None:
             if backend not in models:
                 continue
             print(f"[{backend}] ...", file=sys.stderr, flush=True)
-            r = run_backend(models[backend], backend, args.levels, args.rounds, args.tokens, args.repeats)
+            r = run_backend(models[backend], backend, args.levels, args.rounds, args.tokens, args.repeats,
+                            args.threads_batch)
             first = r[(args.levels[0], "served")]["tok_s"]
             rows += [(backend, c, r[(c, "served")], r[(c, "direct")], r[(c, "served")]["tok_s"] / first)
                      for c in args.levels]
         raw = None
         if "llamacpp" in models:   # a child process, for the reason above
+            extra = ["--threads-batch", str(args.threads_batch)] if args.threads_batch else []
             done = subprocess.run([sys.executable, __file__, "--raw-rate", models["llamacpp"], "--levels",
-                                   *map(str, args.levels)], capture_output=True, text=True)
+                                   *map(str, args.levels), *extra], capture_output=True, text=True)
             raw = {int(k): v for k, v in json.loads(done.stdout).items()} if done.returncode == 0 else None
 
     label = {"hf": "hf (transformers fp32)", "llamacpp": f"llamacpp ({args.quant})"}
@@ -294,7 +304,7 @@ def main() -> None:
     if raw:
         one = raw[args.levels[0]]
         print("\nllama.cpp alone (llama_decode steps advancing k sequences by one token; no prompts, no "
-              "sampling, no engine), default threads:")
+              "sampling, no engine), same threads:")
         print("| streams | tok/s | vs 1 stream |\n|---:|---:|---:|")
         for c in args.levels:
             print(f"| {c} | {raw[c]:.0f} | {raw[c] / one:.2f}x |")
