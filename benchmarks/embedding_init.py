@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from zhtune import tiny
+from zhtune.model.embeddings import pad_right
 
 INITS = ("zhtune", "zhtune-mean", "random", "mean", "mean+noise")
 CALIBRATION_DOCS = 4096  # training documents zhtune calibrates on, as calibration_texts (<= 65536 positions)
@@ -64,13 +65,7 @@ def bits_per_char(model, tokenizer, docs: list[str], batch: int = 16) -> float:
     nll, chars = 0.0, sum(len(d) for d in docs)
     seqs = sorted((doc_ids(tokenizer, d) for d in docs), key=len)
     for start in range(0, len(seqs), batch):
-        group = seqs[start:start + batch]
-        width = max(map(len, group))
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for row, seq in enumerate(group):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+        ids, mask = pad_right(seqs[start:start + batch])
         logits = model(input_ids=ids, attention_mask=mask).logits.float()       # (b, t, vocab)
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (b, t-1)
         nll -= float((logp * mask[:, 1:]).sum())

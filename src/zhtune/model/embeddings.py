@@ -317,6 +317,18 @@ def _sequences(encoded, bos, eos, max_positions: int, block: int = 512) -> list[
     return seqs
 
 
+def pad_right(group: list[list[int]]):
+    """Token id lists -> (ids, attention mask), both LongTensor (len(group), longest), 0-padded right."""
+    import torch
+
+    width = max(map(len, group))
+    ids = torch.zeros(len(group), width, dtype=torch.long)
+    mask = torch.zeros(len(group), width, dtype=torch.long)
+    for row, seq in enumerate(group):
+        ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+    return ids, mask
+
+
 def _forward(model, seqs: list[list[int]], batch: int = 8):
     """Yield (seq, final hidden states (len, d) float32) for each sequence, batched by length."""
     import torch
@@ -331,11 +343,7 @@ def _forward(model, seqs: list[list[int]], batch: int = 8):
         with torch.no_grad():
             for start in range(0, len(seqs), batch):
                 group = seqs[start:start + batch]
-                width = max(map(len, group))
-                ids = torch.zeros(len(group), width, dtype=torch.long)
-                mask = torch.zeros(len(group), width, dtype=torch.long)
-                for row, seq in enumerate(group):
-                    ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+                ids, mask = pad_right(group)
                 out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
                 for row, seq in enumerate(group):
                     yield seq, out[row, :len(seq)].float()
