@@ -75,7 +75,8 @@ def base_tokenizer_path(cfg) -> Path | None:
 
 def calibration_texts(cfg, limit: int = 4096) -> list[str]:
     """Up to `limit` texts of the training data (documents, or an SFT/DPO record's turns joined), for
-    fit_output_rows. Unreadable data gives [] here: the data loader reports it, with file:line, next."""
+    fit_output_rows. Unreadable data gives [] under "auto" (the data loader reports it, with file:line,
+    next) and raises that error under "logprob"."""
     if cfg.embedding_init == "mean" or not cfg.dataset:
         return []
     from zhtune.data.readers import detect_format, read_records, to_messages, to_text
@@ -93,6 +94,8 @@ def calibration_texts(cfg, limit: int = 4096) -> list[str]:
             if len(texts) >= limit:
                 break
     except ZhtuneError:
+        if cfg.embedding_init == "logprob":   # asked for by name: the data's own error (file:line) is the useful one
+            raise
         return []
     return [t for t in texts if t.strip()]
 
