@@ -16,6 +16,17 @@ import yaml
 from zhtune.errors import ZhtuneError
 
 RUN_FILE = "run.yaml"
+ASSETS = Path(__file__).parent / "assets"
+
+
+def asset(name: str) -> Path:
+    """Path of a text asset shipped with the package (see zhtune/assets/README.md)."""
+    return ASSETS / name
+
+
+def asset_lines(name: str) -> list[str]:
+    """The non-empty lines of a shipped text asset."""
+    return [line for line in asset(name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

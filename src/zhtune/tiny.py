@@ -10,18 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from zhtune.io import atomic_write_bytes
-
-ASSETS = Path(__file__).parent / "assets"
-
-
-def asset(name: str) -> Path:
-    """Path of a text asset shipped with the package (see zhtune/assets/README.md)."""
-    return ASSETS / name
-
-
-def asset_lines(name: str) -> list[str]:
-    return [line for line in asset(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+from zhtune.io import ASSETS, asset, asset_lines, atomic_write_bytes  # noqa: F401 (asset* re-exported for callers)
 
 
 def train_base_sp(lines: Iterable[str], output: str | Path, vocab_size: int = 1000) -> Path:
@@ -90,8 +79,32 @@ def build_tiny_base(output: str | Path, vocab_size: int = 1000, seed: int = 0) -
         return build_tiny_model(output, vocab_size=vocab_size, seed=seed, tokenizer_dir=tok)
 
 
-if __name__ == "__main__":  # python -m zhtune.tiny tiny/base  -> the base model examples/tiny/*.yaml use
+def main(argv: list[str] | None = None) -> int:
+    """`python -m zhtune.tiny [OUTPUT]`: write the tiny base model folder examples/tiny/*.yaml use."""
     import sys
 
-    target = sys.argv[1] if len(sys.argv) > 1 else "tiny/base"
-    print(f"tiny base model (tokenizer + random Llama) -> {build_tiny_base(target)}")
+    from zhtune.args import make_parser
+    from zhtune.io import check_output_dir
+
+    parser = make_parser("tiny", """
+        写一个极小的随机基座模型 (英文分词器 + 随机 Llama)，供 examples/tiny/*.yaml 在 CPU 上试跑。
+        Write a tiny base model folder (an English tokenizer trained in-process + a random Llama) for
+        the CPU recipes in examples/tiny/.""", "python -m zhtune.tiny tiny/base")
+    parser.prog = "python -m zhtune.tiny"
+    parser.add_argument("output", nargs="?", default="tiny/base", help="new model folder")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    check_output_dir(args.output)
+    print(f"tiny base model (tokenizer + random Llama) -> {build_tiny_base(args.output)}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m zhtune.tiny tiny/base
+    import sys
+
+    from zhtune.errors import ZhtuneError
+
+    try:
+        sys.exit(main())
+    except ZhtuneError as exc:  # as the zhtune command does: the message, exit 2, no traceback
+        print(exc.render(), file=sys.stderr)
+        sys.exit(2)

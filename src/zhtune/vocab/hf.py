@@ -59,6 +59,11 @@ def read_sp_model(path: str | Path, what: str = "SentencePiece model"):
     return proto
 
 
+def sp_encoder(model: str | Path):
+    """text (or a list of texts) -> sentencepiece ids, for the model file `model`."""
+    return sp_processor(read_sp_model(model)).encode
+
+
 def sp_processor(proto):
     """A sentencepiece processor for a ModelProto (serialised deterministically)."""
     import sentencepiece as spm

@@ -26,46 +26,12 @@ import numpy as np
 from zhtune.args import make_parser
 from zhtune.errors import ZhtuneError
 from zhtune.io import atomic_output_dir, atomic_write_bytes, atomic_write_json, write_run_yaml
-from zhtune.vocab.hf import NORMAL, USER_DEFINED, read_sp_model, write_hf_tokenizer
+from zhtune.vocab.cjk import DEFAULT_CJK_RANGES, RANGES_RE, char_test, han_count, parse_ranges  # noqa: F401 (re-exported)
+from zhtune.vocab.hf import NORMAL, USER_DEFINED, read_sp_model, sp_encoder, write_hf_tokenizer
 
-# Characters a `preserve` merge may add pieces for (ideographs, CJK punctuation, full-width forms).
-DEFAULT_CJK_RANGES = "2E80-2FDF,3000-303F,31C0-31EF,3400-4DBF,4E00-9FFF,F900-FAFF,FE30-FE4F,FF00-FFEF,20000-323AF"
-# Han ideographs only: what "tokens per CJK character" counts (punctuation is not a character of text).
-HAN_RANGES = "3007-3007,3400-4DBF,4E00-9FFF,F900-FAFF,20000-323AF"
 MODES = ("preserve", "all-pieces", "chars")
 INFO_FILE = "zhtune_vocab.json"
 BASE_COPY = "base_tokenizer.model"
-_RANGE = r"\s*[0-9A-Fa-f]{2,6}(\s*-\s*[0-9A-Fa-f]{2,6})?\s*"
-_RANGES_RE = re.compile(rf"^{_RANGE}(,{_RANGE})*$")
-
-
-def parse_ranges(text: str, flag: str = "--cjk-ranges") -> list[tuple[int, int]]:
-    """'4E00-9FFF,3400-4DBF' -> [(0x4E00, 0x9FFF), (0x3400, 0x4DBF)] (hex code points, inclusive)."""
-    if not _RANGES_RE.match(text):
-        raise ZhtuneError(f"not a list of code-point ranges: {text!r}", where=flag,
-                          expected="hex ranges like 4E00-9FFF,3400-4DBF (a single code point is fine too)")
-    out = []
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        lo_i, hi_i = int(lo, 16), int(hi or lo, 16)
-        if lo_i > hi_i or hi_i > 0x10FFFF:
-            raise ZhtuneError(f"bad code-point range {part.strip()!r}", where=flag,
-                              expected="LOW-HIGH with LOW <= HIGH <= 10FFFF")
-        out.append((lo_i, hi_i))
-    return out
-
-
-def char_test(ranges: list[tuple[int, int]]):
-    """A fast `is this character in the ranges` test."""
-    table = frozenset(cp for lo, hi in ranges if hi - lo < 400_000 for cp in range(lo, hi + 1))
-    return lambda ch: ord(ch) in table
-
-
-HAN = char_test(parse_ranges(HAN_RANGES))
-
-
-def han_count(text: str) -> int:
-    return sum(1 for ch in text if HAN(ch))
 
 
 def resolve_base(path: str | Path, flag: str = "--base") -> Path:
@@ -174,7 +140,7 @@ def select_chars(base_pieces: set[str], spec: str, is_cjk) -> tuple[list[str], C
         for i, ch in enumerate(text):
             first.setdefault(ch, i)
         candidates = sorted(counts, key=lambda ch: (-counts[ch], first[ch]))
-    elif _RANGES_RE.match(spec):
+    elif RANGES_RE.match(spec):
         candidates = [chr(cp) for lo, hi in parse_ranges(spec, "--chars") for cp in range(lo, hi + 1)
                       if not (0xD800 <= cp <= 0xDFFF)]
     else:
@@ -334,9 +300,9 @@ def main(argv: list[str]) -> int:
 
 def after_merge_checks(hf_dir: Path, base_model: Path, extra_texts: list[str], is_cjk) -> dict:
     """Fast == sentencepiece on every check line; non-Chinese lines keep the base's ids."""
-    from zhtune.tiny import asset
+    from zhtune.io import asset
     from zhtune.vocab.hf import compare_with_sp
-    from zhtune.vocab.stats import read_lines, sp_encoder
+    from zhtune.vocab.stats import read_lines
 
     lines = [line for name in ("zh_heldout.txt", "en_corpus.txt") if asset(name).is_file()
              for line in read_lines(asset(name))]

@@ -40,12 +40,6 @@ def read_lines(path: str | Path, flag: str = "--text") -> list[str]:
     return lines
 
 
-def sp_encoder(model: str | Path) -> Callable[[str], list[int]]:
-    from zhtune.vocab.hf import read_sp_model, sp_processor
-
-    return sp_processor(read_sp_model(model)).encode
-
-
 @dataclass
 class Loaded:
     """A tokenizer under test: batch encode (no BOS/EOS), decode, vocab size, which ids are bytes."""
@@ -108,9 +102,10 @@ def encode_all(tok: Loaded, lines: list[str]) -> list[list[int]]:
 
 def measure(tok: Loaded, lines: list[str], reference: list[list[int]] | None = None) -> tuple[dict, list[list[int]]]:
     """The row of numbers for one tokenizer (and its ids, so the next ones can compare to it)."""
-    from zhtune.vocab.merge import DEFAULT_CJK_RANGES, char_test, han_count, parse_ranges
+    from zhtune.vocab.cjk import CJK as is_cjk
+    from zhtune.vocab.cjk import han_count
+    from zhtune.vocab.hf import sp_encoder
 
-    is_cjk = char_test(parse_ranges(DEFAULT_CJK_RANGES))
     start = time.perf_counter()
     ids = encode_all(tok, lines)
     seconds = time.perf_counter() - start
@@ -208,7 +203,7 @@ def main(argv: list[str]) -> int:
     n_plain = rows[0]["non_cjk_lines"]
     print(format_table(rows, len(lines), n_plain), file=sys.stdout)
     if args.json:
-        from zhtune.vocab.merge import han_count
+        from zhtune.vocab.cjk import han_count
 
         atomic_write_json(args.json, {"text": [str(Path(t).resolve()) for t in args.text], "lines": len(lines),
                                       "cjk_chars": sum(han_count(line) for line in lines),
