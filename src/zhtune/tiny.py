@@ -30,6 +30,69 @@ def train_base_sp(lines: Iterable[str], output: str | Path, vocab_size: int = 10
     return atomic_write_bytes(output, buf.getvalue())
 
 
+# Byte-level BPE stand-ins for LLaMA-3, Qwen2.5/3, GPT-2 and SmolLM tokenizers: (special tokens, BOS, class).
+BYTELEVEL_FAMILIES = {
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "PreTrainedTokenizerFast"),
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "Qwen2Tokenizer"),
+    "gpt2": (["<|endoftext|>"], None, "GPT2Tokenizer"),
+    "smollm": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "GPT2Tokenizer"),
+}
+
+
+def train_bytelevel_base(lines: Iterable[str], output: str | Path, family: str = "llama3", vocab_size: int = 1000,
+                         chat_template: str | None = None) -> Path:
+    """Train a byte-level BPE tokenizer the way `family` builds its own (pre-tokenizer, normaliser,
+    ignore_merges, special tokens after the vocabulary, BOS or not) and write an HF tokenizer folder.
+
+    llama3: the LLaMA-3 regex split + ByteLevel without its regex, ignore_merges, every split of every
+    token as a merge (tiktoken's rule, as LLaMA-3's own tokenizer.json); qwen2: Qwen2's regex, NFC;
+    gpt2: GPT-2's ByteLevel regex; smollm: single digits, then GPT-2's ByteLevel.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from zhtune.io import atomic_write_json, atomic_write_text
+    from zhtune.vocab.bytelevel import PRE_TOKENIZER_REGEX, all_split_merges
+
+    specials, bos, cls = BYTELEVEL_FAMILIES[family]
+    tok = Tokenizer(models.BPE(ignore_merges=family == "llama3"))
+    if family in ("llama3", "qwen2"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[family]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif family == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if family == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=[])
+    tok.train_from_iterator(list(lines), trainer=trainer)
+    data = json.loads(tok.to_str())
+    if family == "llama3":
+        data["model"]["merges"] = [list(p) for p in all_split_merges(data["model"]["vocab"])]
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_special_tokens(specials)
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if bos:
+        steps.append(processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                   special_tokens=[(bos, tok.token_to_id(bos))]))
+    tok.post_processor = processors.Sequence(steps)
+    out = Path(output)
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True) + "\n")
+    eos = "<|end_of_text|>" if family == "llama3" else "<|endoftext|>"
+    config = {"tokenizer_class": cls, "bos_token": bos, "eos_token": eos, "pad_token": None,
+              "add_bos_token": bos is not None, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": 131072, "errors": "replace"}
+    if chat_template:
+        config["chat_template"] = chat_template
+    atomic_write_json(out / "tokenizer_config.json", config)
+    return out
+
+
 def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                       num_kv_heads: int = 2, intermediate_size: int = 128, max_position: int = 512):
     from transformers import LlamaConfig

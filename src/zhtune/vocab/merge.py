@@ -53,8 +53,8 @@ def resolve_base(path: str | Path, flag: str = "--base") -> Path:
         raise ZhtuneError(f"{path} has tokenizer.json but no tokenizer.model", where=flag,
                           expected="the SentencePiece model (tokenizer.model) that LLaMA, Mistral and "
                                    "Chinese-LLaMA ship next to tokenizer.json",
-                          hint="copy tokenizer.model from the original model repository into this folder; "
-                               "byte-level BPE tokenizers (LLaMA-3, Qwen) have no SentencePiece model to merge into")
+                          hint="this tokenizer.json is SentencePiece-style BPE (not byte-level): copy tokenizer.model "
+                               "from the original model repository into this folder")
     raise ZhtuneError(f"no tokenizer.model in {path}", where=flag,
                       expected="an HF tokenizer folder with tokenizer.model, or a .model file")
 
@@ -260,10 +260,15 @@ def _check_args(args) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from zhtune.vocab.bytelevel import tokenizer_kind
+
     args = build_parser().parse_args(argv)
     _check_args(args)
     start = time.perf_counter()
     is_cjk = char_test(parse_ranges(args.cjk_ranges))
+    kind, found = tokenizer_kind(args.base)
+    if kind == "bytelevel":
+        return main_bytelevel(args, found, is_cjk, start)
     base_path = resolve_base(args.base)
     base = read_sp_model(base_path, "base tokenizer")
     if base.trainer_spec.model_type != 2:
@@ -298,10 +303,57 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def after_merge_checks(hf_dir: Path, base_model: Path, extra_texts: list[str], is_cjk) -> dict:
-    """Fast == sentencepiece on every check line; non-Chinese lines keep the base's ids."""
+def main_bytelevel(args, base_json: Path, is_cjk, start: float) -> int:
+    """`vocab merge` for a byte-level BPE base: new tokens and merges after the base's, checked on text."""
+    from zhtune.vocab import bpe_merge as bm
+    from zhtune.vocab.bytelevel import read_bytelevel
+
+    base = read_bytelevel(base_json)
+    if args.mode == "all-pieces":
+        raise ZhtuneError("--mode all-pieces is Chinese-LLaMA-Alpaca's SentencePiece merge (every piece, score 0)",
+                          where="--mode", expected="preserve or chars for a byte-level BPE base",
+                          hint="preserve adds the Chinese tokens with their merges after every base merge")
+    adds = []
+    if args.mode == "chars":
+        singles = {token_bytes_text(t) for t in base.vocab}
+        chosen, skipped = select_chars(singles, args.chars, is_cjk)
+        steps = bm.char_steps(chosen)
+    else:
+        steps, skipped = [], Counter()
+        for add in args.add:
+            more, resolved = bm.add_steps(base, add)
+            steps += more
+            adds.append(resolved)
+    result = bm.merge_bytelevel(base, steps, is_cjk)
+    skipped.update(result.skipped)
+    info = {"kind": "bytelevel", "base_tokenizer": str(base_json.parent.resolve()), "base_vocab_size": base.size,
+            "added_pieces": len(result.new_tokens), "vocab_size": base.size + len(result.new_tokens),
+            "mode": args.mode, "added_from": adds or [args.chars], "pre_tokenizer": base.family}
+    with atomic_output_dir(args.output, args.overwrite) as tmp:
+        hf_dir = tmp / "merged_tokenizer_hf"
+        bm.write_merged(base, result.data, hf_dir)
+        atomic_write_json(hf_dir / INFO_FILE, info)
+        report = bm.merge_checks(base, result.data, result.new_tokens, check_lines(args.check_text), is_cjk)
+        atomic_write_json(tmp / "merge_report.json", {**info, "skipped": dict(sorted(skipped.items())), **report})
+        write_run_yaml(tmp, "vocab merge", {k: v for k, v in vars(args).items() if k != "overwrite"},
+                       parents={"base": str(base_json.parent), **{f"add{i}": p for i, p in enumerate(adds)}})
+    _print_bytelevel_summary(args, info, skipped, report, time.perf_counter() - start)
+    return 0
+
+
+def token_bytes_text(token: str) -> str | None:
+    from zhtune.vocab.bytelevel import token_bytes
+
+    data = token_bytes(token)
+    try:
+        return data.decode("utf-8") if data is not None else None
+    except UnicodeDecodeError:
+        return None
+
+
+def check_lines(extra_texts: list[str]) -> list[str]:
+    """zhtune's held-out Chinese and English texts, the edge cases, and the user's --check-text files."""
     from zhtune.io import asset
-    from zhtune.vocab.hf import compare_with_sp
     from zhtune.vocab.stats import read_lines
 
     lines = [line for name in ("zh_heldout.txt", "en_corpus.txt") if asset(name).is_file()
@@ -309,6 +361,29 @@ def after_merge_checks(hf_dir: Path, base_model: Path, extra_texts: list[str], i
     lines += CHECK_LINES
     for text in extra_texts:
         lines += read_lines(text, flag="--check-text")
+    return lines
+
+
+def _print_bytelevel_summary(args, info: dict, skipped: Counter, report: dict, seconds: float) -> None:
+    print(f"合并完成 merged ({args.mode}, byte-level BPE, pre-tokenizer {info['pre_tokenizer'] or 'custom'}): "
+          f"{info['base_vocab_size']} + {info['added_pieces']} = {info['vocab_size']} tokens -> {args.output}")
+    for why, n in sorted(skipped.items()):
+        print(f"  跳过 skipped {n} tokens: {why}")
+    n = report["check_lines"]
+    print(f"  decode(encode(x)) == x: {report['roundtrip_ok']}/{n} lines; 非中文行不变 / non-Chinese lines "
+          f"unchanged vs base: {report['non_chinese_unchanged']}/{report['non_chinese_lines']}")
+    print(f"  可达 / reachable new tokens: {report['reachable_by_merges']}/{report['added_tokens']} by the merges; "
+          f"{report['word_tokens_encode_to_themselves']}/{report['word_tokens']} whole words encode to themselves")
+    if report["first_changed"] is not None:
+        print(f"  注意 note: a non-Chinese line changed: {report['first_changed'][:60]!r}")
+    print(f"用时 time: {seconds:.1f}s")
+
+
+def after_merge_checks(hf_dir: Path, base_model: Path, extra_texts: list[str], is_cjk) -> dict:
+    """Fast == sentencepiece on every check line; non-Chinese lines keep the base's ids."""
+    from zhtune.vocab.hf import compare_with_sp
+
+    lines = check_lines(extra_texts)
     agree = compare_with_sp(hf_dir, lines, use_transformers=False)  # no torch import: seconds faster
     merged_sp, base_sp = sp_encoder(hf_dir / "tokenizer.model"), sp_encoder(base_model)
     plain = [line for line in lines if not any(is_cjk(ch) for ch in line)]

@@ -46,7 +46,7 @@ class Loaded:
 
     name: str
     path: Path
-    kind: str  # "hf" (AutoTokenizer) or "sentencepiece"
+    kind: str  # "hf" (AutoTokenizer), "byte-level BPE" (AutoTokenizer on a byte-level tokenizer.json) or "sentencepiece"
     encode: Callable[[list[str]], list[list[int]]]
     decode: Callable[[list[int]], str]
     vocab_size: int
@@ -85,12 +85,33 @@ def load_tokenizer(path: str | Path) -> Loaded:
                           expected="a folder AutoTokenizer.from_pretrained can load") from None
     vocab = tok.get_vocab()
     byte_ids = frozenset(i for piece, i in vocab.items() if BYTE_PIECE.match(piece))
+    kind = "hf"
+    if (path / "tokenizer.json").is_file():
+        from zhtune.vocab.bytelevel import is_bytelevel, read_json
+
+        if is_bytelevel(read_json(path / "tokenizer.json")):
+            # byte fallback of a byte-level BPE: tokens that are a part of a character, not whole ones
+            kind, byte_ids = "byte-level BPE", frozenset(i for piece, i in vocab.items() if _partial(piece))
 
     def encode(batch: list[str]) -> list[list[int]]:
         return tok(batch, add_special_tokens=False)["input_ids"]
 
     sp_model = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
-    return Loaded(name, path, "hf", encode, lambda ids: tok.decode(ids), len(tok), byte_ids, sp_model)
+    return Loaded(name, path, kind, encode, lambda ids: tok.decode(ids), len(tok), byte_ids, sp_model)
+
+
+def _partial(token: str) -> bool:
+    """A byte-level token that is not whole UTF-8 characters (e.g. the first two bytes of 中)."""
+    from zhtune.vocab.bytelevel import token_bytes
+
+    data = token_bytes(token)
+    if data is None:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def encode_all(tok: Loaded, lines: list[str]) -> list[list[int]]:

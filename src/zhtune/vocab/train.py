@@ -1,9 +1,12 @@
-"""`zhtune vocab train`: stream a Chinese corpus and train a SentencePiece vocabulary (DIR/zh_sp.model, .vocab).
+"""`zhtune vocab train`: stream a Chinese corpus and train a vocabulary to merge into a base.
 
-    zhtune vocab train --corpus corpus/ --vocab-size 20000 --output zh_vocab/
+    zhtune vocab train --corpus corpus/ --vocab-size 20000 --output zh_vocab/                 # SentencePiece
+    zhtune vocab train --corpus corpus/ --vocab-size 20000 --base Llama-3.2-1B --output zh/  # byte-level BPE
 
-Defaults suit Chinese and merging into LLaMA: BPE, byte fallback, digits split one by one, the
-identity normaliser (full-width characters stay as they are, so decode(encode(x)) == x).
+Without --base (or with a SentencePiece base): DIR/zh_sp.model, .vocab, with defaults that suit Chinese and
+merging into LLaMA: BPE, byte fallback, digits split one by one, the identity normaliser (full-width
+characters stay as they are, so decode(encode(x)) == x). With a byte-level BPE base (LLaMA-3, Qwen, SmolLM,
+Mistral-Nemo): DIR/tokenizer.json, a BPE in the base's byte alphabet with its normaliser and pre-tokenizer.
 """
 
 from __future__ import annotations
@@ -253,6 +256,9 @@ def build_parser():
                         "so keep it fixed for reproducible vocabularies)")
     p.add_argument("--text-field", default="text", help="field of .json/.jsonl records holding the text")
     p.add_argument("--max-line-bytes", type=int, default=16384, help="skip longer lines (counted)")
+    p.add_argument("--base", default=None, metavar="TOKENIZER",
+                   help="the base the vocabulary will be merged into: a byte-level BPE base (tokenizer.json) "
+                        "gets tokens in its own byte alphabet and pre-tokenizer; SentencePiece or none: zh_sp.model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return p
 
@@ -275,6 +281,7 @@ def _check_args(args) -> None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    base = bytelevel_base(args)  # before reading the corpus: a wrong --base fails at once
     start = time.perf_counter()
     report = CorpusReport()
     files = corpus_files(args.corpus, report)
@@ -288,16 +295,51 @@ def main(argv: list[str]) -> int:
     print(f"语料 corpus: {report.files} files, {report.lines} sentences, {report.kept} used "
           f"({read_seconds:.1f}s){'; ' + _skips(report) if _skips(report) else ''}", flush=True)
     with atomic_output_dir(args.output, args.overwrite) as tmp:
-        seconds = train_sp(sentences, args, tmp / "zh_sp")
+        if base is not None:
+            seconds, written = train_bpe(sentences, args, base, tmp), "tokenizer.json"
+        else:
+            seconds, written = train_sp(sentences, args, tmp / "zh_sp"), "zh_sp.model"
         atomic_write_json(tmp / "corpus_report.json", vars(report))
         config = {k: v for k, v in vars(args).items() if k != "overwrite"}
-        write_run_yaml(tmp, "vocab train", config, parents={})
+        write_run_yaml(tmp, "vocab train", config, parents={"base": args.base} if args.base else {})
     total = time.perf_counter() - start
-    print(f"完成 done: {Path(args.output) / 'zh_sp.model'} ({args.model_type}, {args.vocab_size} pieces); "
+    what = "byte-level BPE" if base is not None else args.model_type
+    print(f"完成 done: {Path(args.output) / written} ({what}, {args.vocab_size} pieces); "
           f"训练 training {seconds:.1f}s, 共 total {total:.1f}s")
-    print(f"下一步 next: zhtune vocab merge --base LLAMA_TOKENIZER --add {Path(args.output) / 'zh_sp.model'} "
+    add = Path(args.output) if base is not None else Path(args.output) / "zh_sp.model"
+    print(f"下一步 next: zhtune vocab merge --base {_quote(args.base or 'LLAMA_TOKENIZER')} --add {_quote(add)} "
           f"--output merged/")
     return 0
+
+
+def _quote(path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def bytelevel_base(args):
+    """The byte-level BPE base named by --base (None without --base or for a SentencePiece base)."""
+    if not args.base:
+        return None
+    from zhtune.vocab.bytelevel import read_bytelevel, tokenizer_kind
+
+    kind, found = tokenizer_kind(args.base)
+    return read_bytelevel(found) if kind == "bytelevel" else None
+
+
+def train_bpe(sentences: list[str], args, base, out: Path) -> float:
+    """A byte-level BPE in the base's alphabet: DIR/tokenizer.json (+ tokenizer_config.json, so AutoTokenizer
+    and `vocab stats` read it as the Chinese vocabulary alone). Returns seconds."""
+    from zhtune.vocab.bytelevel import train_bytelevel
+
+    t0 = time.perf_counter()
+    tok = train_bytelevel(sentences, base, args.vocab_size, show_progress=sys.stderr.isatty())
+    atomic_write_bytes(out / "tokenizer.json", (tok.to_str(pretty=True) + "\n").encode("utf-8"))
+    atomic_write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                      "clean_up_tokenization_spaces": False,
+                                                      "model_max_length": 1_000_000})
+    return time.perf_counter() - t0
 
 
 def _skips(report: CorpusReport) -> str:
