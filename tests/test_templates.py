@@ -36,7 +36,8 @@ def test_pairs_split_prompt_from_answer(name):
     assert len(pairs) == 2
     assert "好的" in pairs[1][1] and "好的" not in pairs[1][0]
     assert "第二轮" in pairs[1][0]
-    assert pairs[0][1].startswith("c\n") or pairs[0][1].startswith(" c\n")
+    answer = pairs[0][1].lstrip(" ")
+    assert answer.startswith("c" if t.trim else "c\n")
 
 
 def test_unknown_template_suggests():

@@ -105,17 +105,63 @@ def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 
     )
 
 
+# The architectures zhtune trains, merges and exports, as tiny random configs with each one's traits:
+# llama with LLaMA-3.1's rope scaling (scaled within a short prompt: original context 64) and a tied head
+# (LLaMA-3.2 / SmolLM); mistral; qwen2 with q/k/v biases; qwen3 with q/k norms, a head_dim of its own, tied.
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_config(arch: str, vocab_size: int, bos: int | None = None, eos: int | None = None, hidden_size: int = 64,
+                num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
+                max_position: int = 512):
+    """A tiny random config of `arch` (see ARCHITECTURES)."""
+    from transformers import AutoConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}: {ARCHITECTURES}")
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  max_position_embeddings=max_position, bos_token_id=bos, eos_token_id=eos, pad_token_id=None,
+                  rms_norm_eps=1e-6)
+    if arch == "llama":
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        return AutoConfig.for_model("llama", **common, rope_parameters=rope, tie_word_embeddings=True)
+    if arch == "mistral":
+        return AutoConfig.for_model("mistral", **common, sliding_window=None, tie_word_embeddings=False,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if arch == "qwen2":
+        return AutoConfig.for_model("qwen2", **common, tie_word_embeddings=False, use_sliding_window=False,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    return AutoConfig.for_model("qwen3", **common, head_dim=2 * hidden_size // num_heads, tie_word_embeddings=True,
+                                use_sliding_window=False,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+
+
 def build_tiny_model(output: str | Path, vocab_size: int, seed: int = 0, tokenizer_dir: str | Path | None = None,
-                     **config_kwargs) -> Path:
-    """Save a randomly initialised LlamaForCausalLM (safetensors) to `output`, with the tokenizer."""
+                     arch: str | None = None, **config_kwargs) -> Path:
+    """Save a randomly initialised causal LM (safetensors) to `output`, with the tokenizer.
+
+    arch None: the LLaMA-2-like LlamaConfig of tiny_llama_config; else one of ARCHITECTURES."""
     import shutil
 
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     output = Path(output)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size, **config_kwargs))
+    if arch is None:
+        model = LlamaForCausalLM(tiny_llama_config(vocab_size, **config_kwargs))
+    else:
+        model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **config_kwargs))
+        with torch.no_grad():  # an exporter that drops or misplaces something must change the logits:
+            for name, p in model.named_parameters():
+                if name.endswith(".bias") or "norm" in name:  # random biases and norm gains
+                    p.add_(torch.randn_like(p) * 0.1)
+                elif name.endswith(("q_proj.weight", "k_proj.weight")):  # sharp attention: positions matter
+                    p.mul_(6.0)
+                elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                    p.mul_(10.0)
     model.save_pretrained(output)
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():

@@ -34,10 +34,13 @@ class Template:
     separator: str = ""             # between an answer and the next user turn
     stop: tuple[str, ...] = ()      # extra stop strings for generation (besides eos)
     special_tokens: tuple[str, ...] = field(default=())  # literal tokens the tokenizer must know
+    trim: bool = False              # strip whitespace around each message (LLaMA-3's official `| trim`)
 
     # --- rendering -------------------------------------------------------------------------
     def _fill(self, fmt: str, bos: str, eos: str, content: str = "", system: str = "") -> str:
         # replace placeholders one by one: `str.format` would choke on braces in user content
+        if self.trim:
+            content, system = content.strip(), system.strip()
         out = fmt.replace("{bos}", bos).replace("{eos}", eos).replace("{system}", system)
         return out.replace("{content}", content)
 
@@ -113,12 +116,13 @@ class Template:
                 rest = rest[pos + len(tok):]
             return "{{ " + (" ~ ".join(parts) if parts else "''") + " }}"
 
-        content = "message['content']"
+        content = "(message['content'] | trim)" if self.trim else "message['content']"
+        system = "(ns.system | trim)" if self.trim else "ns.system"
         first_user = (
-            "{%- if ns.system -%}" + lit(self.first_user, content, "ns.system") + "{%- else -%}"
+            "{%- if ns.system -%}" + lit(self.first_user, content, system) + "{%- else -%}"
             + lit(self.user, content) + "{%- endif -%}"
             if self.first_user is not None
-            else "{%- if ns.system -%}" + lit(self.system, system="ns.system") + "{%- endif -%}"
+            else "{%- if ns.system -%}" + lit(self.system, system=system) + "{%- endif -%}"
             + lit(self.user, content)
         )
         return (
@@ -159,18 +163,24 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
              user="[INST] {content} [/INST]", assistant=" {content} {eos}",
              first_user="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]", turn_prefix="{bos}",
              default_system=_LLAMA2_ZH_SYSTEM),
-    Template("llama3", "Llama-3 instruct header format",
+    Template("llama3", "Llama-3 instruct header format (Meta-Llama-3-*-Instruct's template, token for token)",
              prefix="<|begin_of_text|>",
              system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
              user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
                   "<|start_header_id|>assistant<|end_header_id|>\n\n",
-             assistant="{content}<|eot_id|>", stop=("<|eot_id|>",),
+             assistant="{content}<|eot_id|>", stop=("<|eot_id|>",), trim=True,
              special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
-    Template("qwen", "ChatML (Qwen) <|im_start|> format",
-             prefix="", system="<|im_start|>system\n{system}<|im_end|>\n",
-             user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-             assistant="{content}<|im_end|>", separator="\n", default_system="You are a helpful assistant.",
-             stop=("<|im_end|>",), special_tokens=("<|im_start|>", "<|im_end|>")),
+    *[Template(name, description, prefix="", system="<|im_start|>system\n{system}<|im_end|>\n",
+               user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+               assistant="{content}<|im_end|>\n", default_system=system, stop=("<|im_end|>",),
+               special_tokens=("<|im_start|>", "<|im_end|>"))
+      for name, description, system in [
+          ("chatml", "ChatML <|im_start|> turns, no default system prompt (SmolLM2, OpenHermes, ...)", ""),
+          ("qwen", "Qwen / Qwen2-Instruct ChatML with its default system prompt", "You are a helpful assistant."),
+          ("qwen2.5", "Qwen2.5-Instruct ChatML with its default system prompt",
+           "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+          ("qwen3", "Qwen3 ChatML, no default system prompt (thinking mode: the model writes <think> itself)", ""),
+      ]],
     Template("mistral", "Mistral instruct [INST] format (system folded into the first turn)",
              user="[INST] {content} [/INST]", assistant="{content}{eos}",
              first_user="[INST] {system}\n\n{content} [/INST]"),
@@ -202,3 +212,83 @@ def install(tokenizer, template: Template) -> list[str]:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     tokenizer.chat_template = template.jinja()
     return missing
+
+
+# Conversations a tokenizer's own chat_template is rendered on to find the registry template it equals.
+_PROBES = [
+    [{"role": "user", "content": "你好"}],
+    [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "1+1=?"}],
+    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "Q2"}],
+]
+
+
+def render_jinja(chat_template: str, messages: list[Message], bos: str, eos: str, add_generation_prompt: bool) -> str:
+    """Render a tokenizer chat_template as transformers does (sandboxed Jinja, trim_blocks, lstrip_blocks)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(chat_template).render(messages=messages, bos_token=bos, eos_token=eos,
+                                                 add_generation_prompt=add_generation_prompt)
+
+
+def match_chat_template(chat_template: str | None, bos: str = "<s>", eos: str = "</s>") -> Template | None:
+    """The registry template that renders exactly like `chat_template` (a Jinja string, e.g. a base's own
+    official one) on probe conversations, prompts for the next answer; None if none does."""
+    if not chat_template:
+        return None
+    for template in TEMPLATES.values():
+        if template.jinja() == chat_template:
+            return template
+    try:
+        want = [render_jinja(chat_template, conv, bos, eos, True) for conv in _PROBES]
+    except Exception:  # noqa: BLE001 - a template that needs tools, dates, ... is simply not one of ours
+        return None
+    for template in TEMPLATES.values():
+        if all(template.render(conv, bos, eos) == text for conv, text in zip(_PROBES, want)):
+            return template
+    return None
+
+
+def tokenizer_chat_template(folder) -> tuple[str | None, str, str]:
+    """(chat_template, bos, eos) of a tokenizer folder (chat_template.jinja or tokenizer_config.json)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+
+    def text(value, default):
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else default
+
+    chat = cfg.get("chat_template")
+    if (folder / "chat_template.jinja").is_file():
+        chat = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return (chat if isinstance(chat, str) else None), text(cfg.get("bos_token"), "<s>"), text(cfg.get("eos_token"), "</s>")
+
+
+def template_for_model(folder, name: str | None = None) -> tuple[Template, str]:
+    """The template for a model or tokenizer folder, and where it came from: `name` ("--template"), the
+    run.yaml an earlier stage wrote ("run.yaml"), the folder's own chat_template when it equals a
+    registry template ("chat_template"), else "default"."""
+    from zhtune.io import read_run_yaml
+
+    if name:
+        return get_template(name), "--template"
+    recorded = (read_run_yaml(folder).get("config") or {}).get("template")
+    if recorded in TEMPLATES:
+        return TEMPLATES[recorded], "run.yaml"
+    found = match_chat_template(*tokenizer_chat_template(folder))
+    if found is not None:
+        return found, "chat_template"
+    return TEMPLATES["default"], "default"

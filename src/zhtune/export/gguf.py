@@ -28,24 +28,85 @@ QUANTS = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s"
           "q3_k_m", "q3_k_s", "q3_k_l", "q2_k", "iq4_nl", "iq4_xs")
 # k-quants pack 256 weights per block: rows narrower than that fall back to these (llama.cpp's choice)
 K_QUANTS = {"q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_xs"}
+# model_type -> llama.cpp architecture (gguf.MODEL_ARCH name). llama.cpp runs Mistral as llama; llama rotates
+# interleaved pairs (Meta's q/k layout: rows permuted, as convert meta does), qwen2/qwen3 rotate halves (as HF).
+ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3"}
+PERMUTED_QK = {"LLAMA"}
+# byte-level pre-tokenizer family (vocab/bytelevel.py) -> the name llama.cpp gives it (tokenizer.ggml.pre)
+LLAMA_CPP_PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "tekken": "tekken", "gpt2": "gpt-2", "smollm": "smollm"}
+ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+
+
+def _read_config(model_dir: Path) -> dict:
+    from zhtune.vocab.bytelevel import read_json
+
+    if not (model_dir / "config.json").is_file():
+        raise ZhtuneError(f"no config.json in {model_dir}", where="--model", expected="an HF model folder (zhtune merge output)")
+    return read_json(model_dir / "config.json", "config.json")
+
+
+def tokenizer_of(model_dir: Path) -> tuple[str, Path]:
+    """("sentencepiece", tokenizer.model) or ("bytelevel", tokenizer.json) of a model folder to export."""
+    from zhtune.vocab.bytelevel import pre_tokenizer_family, read_json, tokenizer_kind
+
+    kind, found = tokenizer_kind(model_dir, flag="--model")
+    if kind == "bytelevel":
+        family = pre_tokenizer_family(read_json(found))
+        if family not in LLAMA_CPP_PRE:
+            raise ZhtuneError(f"the pre-tokenizer of {found} is not one llama.cpp implements", where=str(found),
+                              expected=f"a byte-level BPE pre-tokenizer of: {', '.join(LLAMA_CPP_PRE)}",
+                              hint="llama.cpp would split text differently from transformers; export with "
+                                   "llama.cpp's own convert_hf_to_gguf.py if it knows this model")
+        return kind, found
+    if not (model_dir / "tokenizer.model").is_file():
+        raise ZhtuneError(f"tokenizer.model missing in {model_dir}", where=str(model_dir),
+                          expected="the SentencePiece tokenizer.model beside config.json, or a byte-level BPE "
+                                   "tokenizer.json",
+                          hint="without it llama.cpp would tokenize Chinese differently; copy it from the "
+                               "tokenizer folder (zhtune merge copies it for you)")
+    return "sentencepiece", model_dir / "tokenizer.model"
 
 
 def _check_model_dir(model_dir: Path) -> dict:
-    if not (model_dir / "config.json").is_file():
-        raise ZhtuneError(f"no config.json in {model_dir}", where="--model", expected="an HF model folder (zhtune merge output)")
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") != "llama":
-        raise ZhtuneError(f"model_type {config.get('model_type')!r} is not supported", where=str(model_dir / "config.json"),
-                          expected="a LLaMA-family model (model_type llama)")
-    if not (model_dir / "tokenizer.model").is_file():
-        raise ZhtuneError(f"tokenizer.model missing in {model_dir}", where=str(model_dir),
-                          expected="the SentencePiece tokenizer.model beside config.json",
-                          hint="without it llama.cpp would tokenize Chinese differently; copy it from the "
-                               "tokenizer folder (zhtune merge copies it for you)")
+    """config.json of a model folder llama.cpp can run; refuses other architectures and rope types by name."""
+    from zhtune.model.load import check_weights_match_config
+
+    config = _read_config(model_dir)
+    where = str(model_dir / "config.json")
+    if config.get("model_type") not in ARCHS:
+        raise ZhtuneError(f"model_type {config.get('model_type')!r} is not supported by the GGUF export", where=where,
+                          expected=f"one of: {', '.join(ARCHS)}")
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ROPE_TYPES:
+        raise ZhtuneError(f"rope_type {rope.get('rope_type')!r} is not supported by this exporter", where=where,
+                          expected=f"rope_type one of: {', '.join(ROPE_TYPES)}")
+    tokenizer_of(model_dir)
+    check_weights_match_config(model_dir)
     return config
 
 
-def _vocab(model_dir: Path, n_vocab: int):
+def _rope(config: dict) -> dict:
+    """transformers 5's rope_parameters, or the older rope_theta + rope_scaling keys."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope["type"]
+    return rope
+
+
+def _pad(tokens, scores, types, n_vocab: int, model_dir: Path) -> None:
+    import gguf
+
+    if len(tokens) > n_vocab:
+        raise ZhtuneError(f"tokenizer has {len(tokens)} tokens but the model only {n_vocab} rows",
+                          where=str(model_dir), expected="config vocab_size >= len(tokenizer)")
+    for i in range(len(tokens), n_vocab):  # embedding rows padded past the tokenizer
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+
+
+def _sp_vocab(model_dir: Path, n_vocab: int):
     """(tokens, scores, types) for tokenizer.ggml.*: sentencepiece pieces, then added tokens, then padding."""
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -67,14 +128,86 @@ def _vocab(model_dir: Path, n_vocab: int):
         tokens.append(text.encode("utf-8"))
         scores.append(-1000.0)
         types.append(int(gguf.TokenType.CONTROL if text in special else gguf.TokenType.USER_DEFINED))
-    if len(tokens) > n_vocab:
-        raise ZhtuneError(f"tokenizer has {len(tokens)} tokens but the model only {n_vocab} rows",
-                          where=str(model_dir), expected="config vocab_size >= len(tokenizer)")
-    for i in range(len(tokens), n_vocab):  # embedding rows padded past the tokenizer
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(int(gguf.TokenType.UNUSED))
+    _pad(tokens, scores, types, n_vocab, model_dir)
     return tokens, scores, types
+
+
+def _bpe_vocab(tokenizer_json: Path, n_vocab: int):
+    """(tokens, types) for a byte-level BPE: the model's tokens and the added ones, by id; gaps and rows
+    past the tokenizer as unused [PADn] (as llama.cpp's converter does)."""
+    import gguf
+
+    from zhtune.vocab.bytelevel import read_bytelevel
+
+    bpe = read_bytelevel(tokenizer_json, flag="--model")
+    by_id = {i: (t, int(gguf.TokenType.NORMAL)) for t, i in bpe.vocab.items()}
+    for added in bpe.added:  # special: control tokens; others (user-defined) are matched in text
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], int(kind))
+    if max(by_id) >= n_vocab:
+        raise ZhtuneError(f"tokenizer has ids up to {max(by_id)} but the model only {n_vocab} rows",
+                          where=str(tokenizer_json), expected="config vocab_size > every token id")
+    tokens, types = [], []
+    for i in range(n_vocab):
+        text, kind = by_id.get(i, (f"[PAD{i}]", int(gguf.TokenType.UNUSED)))
+        tokens.append(text.encode("utf-8"))
+        types.append(kind)
+    return tokens, types, LLAMA_CPP_PRE[bpe.family]
+
+
+def _add_vocab(writer, model_dir: Path, n_vocab: int) -> None:
+    import gguf
+
+    kind, found = tokenizer_of(model_dir)
+    if kind == "sentencepiece":
+        tokens, scores, types = _sp_vocab(model_dir, n_vocab)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        return
+    tokens, types, pre = _bpe_vocab(found, n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    import logging
+
+    quiet = logging.getLogger("gguf.vocab")
+    level, quiet.level = quiet.level, logging.ERROR  # its pair-template notes concern BERT-style separators
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    finally:
+        quiet.setLevel(level)
+    # whether llama.cpp adds BOS/EOS: exactly what the HF tokenizer does (its post-processor decides)
+    special.add_special_token.update(_adds_bos_eos(model_dir))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tok("a").input_ids
+    return {"bos": bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id,
+            "eos": bool(ids) and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id}
+
+
+def rope_factors(config: dict):
+    """LLaMA-3.1's rope scaling as llama.cpp wants it: the divisor of every rotary frequency (rope_freqs),
+    read off transformers' own llama3 inverse frequencies."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    theta = _rope(config)["rope_theta"]
+    plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    return (plain / scaled.float()).float()
 
 
 def _add_metadata(writer, config: dict, model_dir: Path, file_type: int) -> None:
@@ -82,10 +215,7 @@ def _add_metadata(writer, config: dict, model_dir: Path, file_type: int) -> None
 
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise ZhtuneError(f"rope_type {rope.get('rope_type')!r} is not supported by this exporter",
-                          where=str(model_dir / "config.json"), expected="rope_type default")
+    rope = _rope(config)
     writer.add_name(model_dir.name)
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
@@ -94,36 +224,46 @@ def _add_metadata(writer, config: dict, model_dir: Path, file_type: int) -> None
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
-    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_rope_dimension_count(head_dim)
+    if config.get("head_dim") and head_dim != config["hidden_size"] // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    kind = rope.get("rope_type", "default")
+    if kind in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        if kind == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type)
-    tokens, scores, types = _vocab(model_dir, config["vocab_size"])
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    _add_vocab(writer, model_dir, config["vocab_size"])
 
 
 def _tensor_plan(model_dir: Path, config: dict, out_type: str):
-    """[(gguf name, hf name, ggml type)]: 2-D weights in out_type, norms (1-D) in f32 as llama.cpp expects."""
+    """[(gguf name, hf name, ggml type)]: 2-D weights in out_type, norms and biases (1-D) in f32 as llama.cpp
+    expects. A tied head has no output.weight: llama.cpp then reads the token embeddings."""
     import gguf
 
     from zhtune.export.merge import WeightReader
 
     reader = WeightReader(model_dir)
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    arch = getattr(gguf.MODEL_ARCH, ARCHS[config["model_type"]])
+    names = gguf.TensorNameMap(arch, config["num_hidden_layers"])
     plan = []
     for hf in reader.names():
         if hf.endswith("rotary_emb.inv_freq"):
             continue
+        if hf == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue  # transformers ignores a stored head when tied; so does llama.cpp
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ZhtuneError(f"tensor {hf!r} has no GGUF name", where=str(model_dir), expected="a LLaMA tensor")
+            raise ZhtuneError(f"tensor {hf!r} has no GGUF name for {config['model_type']}", where=str(model_dir),
+                              expected=f"a {config['model_type']} tensor")
         qtype = out_type if len(reader.shape(hf)) == 2 else "f32"
         plan.append((name, hf, qtype))
+    if _rope(config).get("rope_type") == "llama3":
+        plan.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, "f32"))
     return reader, plan
 
 
@@ -136,27 +276,35 @@ def write_gguf(model_dir: Path, out_file: Path, out_type: str = "f16") -> Path:
     from zhtune.export.meta import to_meta_qk
 
     config = _check_model_dir(model_dir)
+    arch_name = ARCHS[config["model_type"]]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[out_type]
-    writer = gguf.GGUFWriter(str(out_file), "llama")
+    writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_name)])
     _add_metadata(writer, config, model_dir, int(file_type))
     reader, plan = _tensor_plan(model_dir, config, out_type)
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     raw = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
            "bf16": gguf.GGMLQuantizationType.BF16}
 
-    def array(hf: str, qtype: str):
+    def tensor(hf: str | None):
+        if hf is None:
+            return rope_factors(config)
         t = reader.get(hf).float()
-        if hf.endswith("self_attn.q_proj.weight"):
-            t = to_meta_qk(t, heads)  # GGUF rotates interleaved pairs, as Meta's checkpoints do
-        elif hf.endswith("self_attn.k_proj.weight"):
-            t = to_meta_qk(t, kv)
+        if arch_name in PERMUTED_QK:  # GGUF's llama rotates interleaved pairs, as Meta's checkpoints do
+            if hf.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+                t = to_meta_qk(t, heads)
+            elif hf.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+                t = to_meta_qk(t, kv)
+        return t
+
+    def array(hf: str | None, qtype: str):
+        t = tensor(hf)
         if qtype == "bf16":
             return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         return t.numpy().astype(np.float16 if qtype == "f16" else np.float32)
 
     for name, hf, qtype in plan:
-        shape = reader.shape(hf)
+        shape = reader.shape(hf) if hf is not None else (len(rope_factors(config)),)
         itemsize = 4 if qtype == "f32" else 2
         writer.add_tensor_info(name, shape, np.dtype(np.uint16 if qtype == "bf16" else np.float16 if qtype == "f16"
                                                      else np.float32), int(np.prod(shape)) * itemsize, raw_dtype=raw[qtype])
@@ -197,12 +345,6 @@ def tensor_types(gguf_file: Path) -> dict[str, int]:
     return counts
 
 
-def _template_name(model_dir: Path) -> str | None:
-    from zhtune.io import read_run_yaml
-
-    return ((read_run_yaml(model_dir).get("config") or {}).get("template"))
-
-
 def export_gguf(model_dir: str | Path, output_file: str | Path, quant: str = "f16", verify: bool = False,
                 overwrite: bool = False, modelfile: bool = True, log=print) -> Path:
     """Convert an HF LLaMA folder to `output_file` (.gguf) with `quant`; optionally verify; write a Modelfile."""
@@ -210,6 +352,9 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, quant: str = "f1
     quant = quant.lower()
     if quant not in DIRECT + QUANTS:
         raise ZhtuneError(f"unknown quantisation {quant!r}", where="--quant", expected=", ".join(DIRECT + QUANTS))
+    if out.is_dir():  # checked before the work: a rename onto a folder would fail only at the very end
+        raise ZhtuneError(f"output path is a folder: {out}", where="--output",
+                          expected="a .gguf file path", hint=f"e.g. --output {out / (model_dir.name + '.gguf')}")
     if out.exists() and not overwrite:
         raise ZhtuneError(f"output file exists: {out}", where="--output", expected="a new file path",
                           hint="choose another path or pass --overwrite")
@@ -240,7 +385,7 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, quant: str = "f1
         if verify:
             from zhtune.export.parity import verify_gguf
 
-            verify_gguf(tmp, model_dir, quantised=quant not in DIRECT, log=log, name=out.name)
+            verify_gguf(tmp, model_dir, quantised=quant not in DIRECT, log=log, name=out.name, out_type=quant)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -252,11 +397,11 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, quant: str = "f1
 
 
 # ---- Ollama ------------------------------------------------------------------------------------
-def ollama_template(template) -> str:
+def ollama_template(template, bos: str = "<s>", eos: str = "</s>") -> str:
     """The training template as an Ollama (Go text/template) TEMPLATE over .System and .Messages."""
     def lit(fmt: str, content: str = "", system: str = "") -> str:
         # the model's tokenizer adds BOS itself; later {bos} (llama2 turns) stay literal tokens
-        out = fmt.replace("{eos}", "</s>").replace("{bos}", "<s>")
+        out = fmt.replace("{eos}", eos).replace("{bos}", bos)
         return out.replace("{content}", content).replace("{system}", system)
 
     sys_var, content = "{{ $.System }}", "{{ .Content }}"
@@ -274,22 +419,41 @@ def ollama_template(template) -> str:
     )
 
 
+def _special_tokens(model_dir: Path) -> tuple[str, str]:
+    """(bos, eos) text of the model's tokenizer (tokenizer_config.json), LLaMA's <s> </s> by default."""
+    from zhtune.vocab.bytelevel import read_json
+
+    cfg = read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").is_file() else {}
+
+    def text(value, default: str) -> str:
+        if isinstance(value, dict):  # the older AddedToken form
+            value = value.get("content")
+        return value if isinstance(value, str) and value else default
+
+    return text(cfg.get("bos_token"), "<s>" if "bos_token" not in cfg else ""), text(cfg.get("eos_token"), "</s>")
+
+
 def write_modelfile(gguf_file: Path, model_dir: Path) -> Path:
     """Modelfile beside the .gguf: FROM, TEMPLATE (training template), SYSTEM, stop strings, PARAMETERs."""
-    from zhtune.data.templates import get_template
+    import shlex
+
+    from zhtune.data.templates import template_for_model
     from zhtune.infer.engine import GenParams
     from zhtune.io import atomic_write_text
 
-    name = _template_name(model_dir) or "default"
-    template = get_template(name)
+    template, source = template_for_model(model_dir)
+    bos, eos = _special_tokens(model_dir)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     g = GenParams()
-    lines = [f"# Ollama Modelfile written by zhtune (template: {name})",
-             f"# ollama create {gguf_file.stem.split('.')[0]} -f {gguf_file.name}.Modelfile",
-             f"FROM ./{gguf_file.name}", f"TEMPLATE {json.dumps(ollama_template(template), ensure_ascii=False)}"]
+    here = f"./{gguf_file.name}"
+    lines = [f"# Ollama Modelfile written by zhtune (template: {template.name}, from {source})",
+             f"# ollama create {shlex.quote(gguf_file.stem.split('.')[0])} -f "
+             f"{shlex.quote(str(gguf_file.with_name(gguf_file.name + '.Modelfile')))}",
+             f"FROM {json.dumps(here, ensure_ascii=False) if any(c.isspace() for c in here) else here}",
+             f"TEMPLATE {json.dumps(ollama_template(template, bos, eos), ensure_ascii=False)}"]
     if template.default_system:
         lines.append(f"SYSTEM {json.dumps(template.default_system, ensure_ascii=False)}")
-    for stop in ("</s>",) + tuple(template.stop):
+    for stop in dict.fromkeys((eos,) + tuple(template.stop)):
         lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
     lines += [f"PARAMETER temperature {g.temperature}", f"PARAMETER top_p {g.top_p}", f"PARAMETER top_k {g.top_k}",
               f"PARAMETER repeat_penalty {g.repetition_penalty}",

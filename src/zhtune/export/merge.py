@@ -364,6 +364,8 @@ def plan_merge(base_dir: Path, reader: WeightReader, config: dict, adapters: lis
             raise ZhtuneError(f"adapter was trained on {want}, the base is {arch}", where=where,
                               expected=f"an adapter for {arch}", hint="check --base / the adapter's run.yaml")
         _check_lora_shapes(ad, reader, rows, where)
+        if tied:
+            _check_tied_head(ad, where)
         new = ad.vocab_rows(rows)
         if new is not None:
             if ad.tokenizer_size is None:
@@ -427,9 +429,23 @@ def _check_lora_shapes(ad: Adapter, reader: WeightReader, rows: int, where: str)
             raise ZhtuneError(f"adapter saves {param}, which the base does not have", where=where,
                               expected="modules_to_save / trainable tokens of this base")
         full = ad.full.get(param)
-        if full is not None and tuple(full.shape[1:]) != reader.shape(param)[1:]:
-            raise ZhtuneError(f"adapter's {param} has shape {tuple(full.shape)}, base has {reader.shape(param)}",
+        base_shape = reader.shape(param if param in names else EMBED)  # a tied head is the embedding
+        if full is not None and tuple(full.shape[1:]) != base_shape[1:]:
+            raise ZhtuneError(f"adapter's {param} has shape {tuple(full.shape)}, base has {base_shape}",
                               where=where, expected="an adapter trained on this base (same hidden size)")
+
+
+def _check_tied_head(ad: Adapter, where: str) -> None:
+    """A tied base keeps one matrix for embeddings and head: an adapter that trained them apart (peft without
+    ensure_weight_tying) cannot be merged into it without dropping its head."""
+    if HEAD not in ad.full or EMBED not in ad.full:
+        return
+    import torch
+
+    if not torch.equal(ad.full[HEAD].load(), ad.full[EMBED].load()):
+        raise ZhtuneError("the adapter trained lm_head apart from embed_tokens, but the base ties them",
+                          where=where, expected="one shared matrix (zhtune trains tied heads tied)",
+                          hint="retrain with this zhtune (it sets peft's ensure_weight_tying for tied bases)")
 
 
 def merge_tensor(name: str, load_base: Callable[[], Any], adapters: list[Adapter], rows_after: list[int]):

@@ -78,15 +78,15 @@ def meta_to_hf_name(name: str) -> str:
 
 
 def to_hf_qk(w, n_heads: int):
-    """Meta q/k rows [n_heads * head_dim, in] (interleaved rotary pairs) -> HF rows (rotated halves)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Meta q/k rows [n_heads * head_dim, (in)] (interleaved rotary pairs) -> HF rows (rotated halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def to_meta_qk(w, n_heads: int):
-    """Inverse of `to_hf_qk`: HF q/k rows -> Meta's interleaved layout (also GGUF's)."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Inverse of `to_hf_qk`: HF q/k rows (a weight, or a bias) -> Meta's interleaved layout (also GGUF's)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 # ---- params.json <-> config.json --------------------------------------------------------------

@@ -118,7 +118,15 @@ def llama_cpp_logits(gguf: Path, texts: list[str], n_threads: int = 2):
     return ids, rows
 
 
-def verify_gguf(gguf: Path, model_dir: Path, quantised: bool, log=print, name: str | None = None) -> Parity:
+# llama.cpp vs transformers fp32, max |Δlogit| as a share of the largest logit, per GGUF type: f32 differs by
+# summation order only, f16 by rounding every weight to 11 bits, bf16 to 8. Measured on the tiny fixtures of
+# every architecture: f32 ~0.003%, f16 ~0.03%, bf16 ~0.2-0.4% (and near-ties flip: top-1 98.7%); a missing
+# rope_freqs (LLaMA-3.1 scaling) gives 1.6%, q/k rows left unpermuted 3%. (share, top-1 agreement)
+LOGIT_TOLERANCE = {"f32": (0.002, 0.99), "f16": (0.005, 0.99), "bf16": (0.01, 0.95)}
+
+
+def verify_gguf(gguf: Path, model_dir: Path, quantised: bool, log=print, name: str | None = None,
+                out_type: str = "f16") -> Parity:
     """llama.cpp on the .gguf vs transformers on the HF folder: token ids and next-token logits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,9 +141,11 @@ def verify_gguf(gguf: Path, model_dir: Path, quantised: bool, log=print, name: s
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     result = compare(hf_logits(model, hf_ids), cpp_rows)
     log(f"校验 verify (llama.cpp {name or gguf.name} vs transformers fp32, {len(PROMPTS)} zh/en prompts): {result.line()}")
-    ok = result.top1_agreement >= (0.75 if quantised else 0.99) and \
-        (quantised or result.max_abs_diff <= 0.02 * max(1.0, result.max_abs_logit))
+    share, top1 = LOGIT_TOLERANCE.get(out_type, LOGIT_TOLERANCE["bf16"])
+    ok = result.top1_agreement >= (0.75 if quantised else top1) and \
+        (quantised or result.max_abs_diff <= share * max(1.0, result.max_abs_logit))
     if not ok:
         raise ZhtuneError(f"GGUF logits do not match transformers: {result.line()}", where=str(gguf),
-                          expected="f32/f16: max |Δlogit| <= 2% of the logit scale; quantised: >= 75% top-1 agreement")
+                          expected=f"{out_type}: max |Δlogit| <= {share:.1%} of the logit scale and >= {top1:.0%} "
+                                   "top-1 agreement" if not quantised else "quantised: >= 75% top-1 agreement")
     return result

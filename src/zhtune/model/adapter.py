@@ -88,10 +88,14 @@ def attach_adapter(model, cfg, vocab_grew: bool):
         save = cfg.modules_to_save
         if save is None:
             save = embedding_names(model) if vocab_grew else []
+        # a tied head (LLaMA-3.2, SmolLM, Qwen small models) must stay tied: peft then trains one copy for both
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = out is not None and out.weight is inp.weight
         lora = LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=resolve_targets(model, list(cfg.lora_target)),
             modules_to_save=list(save) or None, task_type="CAUSAL_LM", bias="none",
+            ensure_weight_tying=bool(tied and save),
         )
         model = get_peft_model(model, lora)
     model.train()

@@ -37,6 +37,56 @@ def check_model_path(path: str, key: str = "model_name_or_path") -> str:
     return path
 
 
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} the model of `config` (a config.json dict) has, built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_weights_match_config(model_dir: str | Path, where: str = "--model") -> None:
+    """Refuse a model folder whose weights are not the model its config.json describes (another vocabulary
+    or width, missing layers, a head the config ties or the reverse), naming the tensor and both shapes."""
+    import json
+
+    from zhtune.export.merge import WeightReader
+
+    model_dir = Path(model_dir)
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        want = expected_shapes(config)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ZhtuneError(f"cannot read the model config {model_dir / 'config.json'}: {exc}", where=where,
+                          expected="a valid config.json of a causal LM") from None
+    reader = WeightReader(model_dir)
+    have = {n: reader.shape(n) for n in reader.names() if not n.endswith("rotary_emb.inv_freq")}
+    tied = bool(config.get("tie_word_embeddings"))
+    cfg_file = str(model_dir / "config.json")
+    for name, shape in want.items():
+        if name not in have:
+            if name == "lm_head.weight" and tied:
+                continue
+            raise ZhtuneError(f"the weights have no {name} but config.json describes it", where=cfg_file,
+                              expected=f"{name} {list(shape)} in the weights of {model_dir}",
+                              hint="config.json and the weights come from different models" + (
+                                  "; an untied head (tie_word_embeddings: false) needs lm_head.weight"
+                                  if name == "lm_head.weight" else ""))
+        if have[name] != shape:
+            raise ZhtuneError(f"{name} is {list(have[name])} in the weights but config.json implies {list(shape)}",
+                              where=cfg_file, expected="config.json of the model these weights belong to",
+                              hint="vocab_size / hidden_size / heads in config.json disagree with the weights")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ZhtuneError(f"the weights hold {extra[0]} ({len(extra)} tensors in all) that config.json's "
+                          f"{config.get('model_type')} has no place for", where=cfg_file,
+                          expected="config.json of the model these weights belong to",
+                          hint="e.g. more layers than num_hidden_layers, or biases the architecture lacks")
+
+
 def device_kind() -> str:
     """'cuda' when a GPU is visible, else 'cpu'."""
     import torch

@@ -187,6 +187,8 @@ def base_sp_model_for(tokenizer_dir: str | Path) -> Path | None:
     folder = Path(tokenizer_dir)
     if (folder / BASE_COPY).is_file():
         return folder / BASE_COPY
+    if (folder / "base_tokenizer" / "tokenizer.json").is_file():  # a byte-level merge keeps the base's folder
+        return folder / "base_tokenizer"
     info_path = folder / INFO_FILE
     if not info_path.is_file():
         return None
