@@ -187,7 +187,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zhtune.infer.engine import load_engine
+    from zhtune.infer.resolve import load_engine
 
     torch.set_num_threads(args.threads)
     root = Path(args.work)

@@ -137,7 +137,7 @@ def run_backend(model: str, backend: str, levels: list[int], rounds: int, tokens
                 threads_batch: int | None = None) -> dict:
     """{(level, "served" | "direct"): medians over repeats}; served and direct alternate level by level
     so both see the same machine load (this machine is shared and noisy)."""
-    from zhtune.infer.engine import load_engine
+    from zhtune.infer.resolve import load_engine
 
     cpp = backend == "llamacpp"
     extra = ["--threads-batch", str(threads_batch)] if cpp and threads_batch else []

@@ -130,3 +130,13 @@ def grown_tokenizer_dir(tmp_path_factory, base_sp_model) -> Path:
     out = write_hf_tokenizer(root / "merged.model", root / "tokenizer")
     shutil.copyfile(base_sp_model, out / "base_tokenizer.model")
     return out
+
+
+@pytest.fixture(scope="session")
+def gguf_file(tmp_path_factory, tiny_model_dir):
+    """The tiny model exported to an f16 GGUF by `zhtune export gguf`'s function."""
+    pytest.importorskip("llama_cpp")
+    from zhtune.export.gguf import export_gguf
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny.f16.gguf"
+    return export_gguf(tiny_model_dir, out, quant="f16", modelfile=False, log=lambda *a: None)

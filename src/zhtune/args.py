@@ -31,6 +31,21 @@ def existing_path(value: str) -> Path:
     return path
 
 
+def bounded_int(flag: str, low: int, high: int):
+    """argparse type: an integer in [low, high]; anything else is a ZhtuneError naming `flag` (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ZhtuneError(f"{flag} {text!r} is not an integer", where=flag,
+                              expected=f"an integer in {low}..{high}") from None
+        if not low <= value <= high:
+            raise ZhtuneError(f"{flag} {value} is out of range", where=flag, expected=f"an integer in {low}..{high}")
+        return value
+
+    return parse
+
+
 def parse_size(value: str) -> int:
     """'2GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
     text = value.strip().upper().replace(" ", "")

@@ -62,18 +62,8 @@ def other_base_lora(tmp_path_factory, base_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def engine(tiny_model_dir):
     """One hf engine over the tiny model shared by the tests (loading costs ~1 s)."""
-    from zhtune.infer.engine import load_engine
+    from zhtune.infer.resolve import load_engine
 
     eng = load_engine(str(tiny_model_dir))
     yield eng
     eng.close()
-
-
-@pytest.fixture(scope="session")
-def gguf_file(tmp_path_factory, tiny_model_dir):
-    """The tiny model exported to an f16 GGUF by `zhtune export gguf`'s function."""
-    pytest.importorskip("llama_cpp")
-    from zhtune.export.gguf import export_gguf
-
-    out = tmp_path_factory.mktemp("gguf") / "tiny.f16.gguf"
-    return export_gguf(tiny_model_dir, out, quant="f16", modelfile=False, log=lambda *a: None)

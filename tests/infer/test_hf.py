@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import GenParams, PromptTooLong, load_engine
+from zhtune.infer.engine import GenParams, PromptTooLong
+from zhtune.infer.resolve import load_engine
 
 GREEDY = dict(temperature=0, repetition_penalty=1.0)
 CHAT = [{"role": "user", "content": "你好，请介绍一下北京。Tell me about Beijing."}]
@@ -207,7 +208,7 @@ def test_template_resolution_and_bad_paths(tmp_path, tiny_model_dir, copy_of):
     from transformers import AutoTokenizer
 
     from zhtune.data.templates import get_template, install
-    from zhtune.infer.engine import resolve_model
+    from zhtune.infer.resolve import resolve_model
 
     assert resolve_model(tiny_model_dir).template.name == "default"
     assert resolve_model(tiny_model_dir, template="llama2").template_source == "--template"

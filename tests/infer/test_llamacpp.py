@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from zhtune.errors import ZhtuneError  # noqa: E402
-from zhtune.infer.engine import GenParams, PromptTooLong, load_engine  # noqa: E402
+from zhtune.infer.engine import GenParams, PromptTooLong  # noqa: E402
+from zhtune.infer.resolve import load_engine  # noqa: E402
 
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 CHAT = [{"role": "user", "content": "你好，请介绍一下北京。Tell me about Beijing."}]

@@ -8,7 +8,8 @@ import importlib.util
 import pytest
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import GenParams, load_engine
+from zhtune.infer.engine import GenParams
+from zhtune.infer.resolve import load_engine
 
 
 def _has_vllm_and_gpu() -> bool:

@@ -180,3 +180,16 @@ def test_fit_text_never_exceeds(engine_llm):
     with pytest.raises(ZhtuneError):
         from zhtune.rag.llm import check_fixed_part
         check_fixed_part(budget, build("长" * 2000), "prompt", "--x")
+
+
+def test_qa_and_summarize_on_a_gguf(asset_index, gguf_file, tmp_path, capsys):
+    """Defect 8: rag on a GGUF ended in AttributeError threads_batch (its flags were a drifted copy of chat's)."""
+    threads = ["--threads", "1", "--threads-batch", "1", "--context-length", "512"]
+    assert cli(_qa(asset_index, gguf_file, "-q", "望云桥建于哪一年？", "--json", *threads)) == 0
+    result = _json_out(capsys)
+    assert result["chain"] == "stuff" and isinstance(result["answer"], str) and result["sources"]
+    doc = tmp_path / "a.txt"
+    doc.write_text("开茶节在农历三月初三举行。", encoding="utf-8")
+    assert cli(["rag", "summarize", "--docs", str(doc), "--chain", "stuff", "--model", str(gguf_file), *GEN,
+                *threads, "--json"]) == 0
+    assert _json_out(capsys)["llm_calls"] == 1

@@ -20,7 +20,7 @@ def api_key() -> str:
 
 @pytest.fixture(scope="session")
 def api_engine(tiny_model_dir):
-    from zhtune.infer.engine import load_engine
+    from zhtune.infer.resolve import load_engine
 
     engine = load_engine(str(tiny_model_dir))
     yield engine

@@ -15,7 +15,8 @@ import pytest
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'zhtune[webui]')")
 
 from zhtune import tiny  # noqa: E402
-from zhtune.infer.engine import GenParams, load_engine  # noqa: E402
+from zhtune.infer.engine import GenParams  # noqa: E402
+from zhtune.infer.resolve import load_engine  # noqa: E402
 from zhtune.serve.webui import build_app, to_messages  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -1,5 +1,5 @@
 """`zhtune chat`: talk to a model in the terminal (streaming, multi-turn), or answer a prompt file / piped
-stdin non-interactively. A thin layer over zhtune.infer.engine.
+stdin non-interactively. A thin layer over the engine (zhtune.infer.engine); flags from zhtune.infer.options.
 
     zhtune chat --model out/sft            # an adapter folder: base + template found from run.yaml
     zhtune chat --model chinese.q4_k_m.gguf --system "你是一个乐于助人的助手。"
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from zhtune.args import make_parser
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import BACKENDS, GenParams, PromptTooLong
+from zhtune.infer.engine import GenParams, PromptTooLong
+from zhtune.infer.options import add_gen_args, add_model_args, engine_from_args, params_from_args
 
 HELP = """命令 commands:
   /clear        清空对话历史 clear the conversation
@@ -44,60 +45,8 @@ def build_parser(prog: str = "chat", description: str | None = None):
                    help="json list of conversations (each a list of {role, content}) or of strings; "
                         "answers each and exits")
     p.add_argument("--single-turn", action="store_true", help="不保留历史 answer each message on its own")
-    add_gen_args(p)
+    add_gen_args(p, "chat")
     return p
-
-
-def add_model_args(p) -> None:
-    """--model/--lora/--backend/--template and loading options (shared with `zhtune webui`)."""
-    p.add_argument("--model", required=True, help="model folder, adapter folder or .gguf file")
-    p.add_argument("--lora", action="append", default=[], metavar="DIR",
-                   help="LoRA adapter folder applied without merging (repeat for several)")
-    p.add_argument("--backend", choices=BACKENDS, default=None, help="default: llamacpp for .gguf, else hf")
-    p.add_argument("--template", default=None, help="chat template (default: run.yaml / chat_template / default)")
-    p.add_argument("--dtype", default="auto", help="hf: auto | fp32 | bf16 | fp16")
-    p.add_argument("--load-in-8bit", action="store_true", help="hf: 8-bit weights (bitsandbytes)")
-    p.add_argument("--load-in-4bit", action="store_true", help="hf: 4-bit nf4 weights (bitsandbytes)")
-    p.add_argument("--num-gpus", type=int, default=None, help="hf/vllm: GPUs to spread the model over")
-    p.add_argument("--threads", type=int, default=None,
-                   help="llamacpp: CPU threads (default: half the logical CPUs)")
-    p.add_argument("--threads-batch", type=int, default=None,
-                   help="llamacpp: CPU threads for prompts and batched steps (default: --threads)")
-
-
-def add_gen_args(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--seed", type=int, default=None)
-
-
-def engine_from_args(args):
-    """load_engine with the flags given (only the options the chosen backend understands)."""
-    from zhtune.infer.engine import load_engine, pick_backend
-
-    backend = pick_backend(args.model, args.backend)
-    options: dict = {}
-    if backend == "hf":
-        options = {"dtype": args.dtype, "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit,
-                   "num_gpus": args.num_gpus}
-    elif backend == "llamacpp":
-        options = {"n_threads": args.threads, "n_threads_batch": args.threads_batch}
-    elif backend == "vllm" and args.num_gpus:
-        options = {"num_gpus": args.num_gpus}
-    return load_engine(args.model, loras=args.lora, backend=backend, template=args.template, **options)
-
-
-def params_from_args(args) -> GenParams:
-    params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    try:
-        return params.validate()
-    except ZhtuneError as exc:   # name the flag, not the field
-        exc.where = "--" + str(exc.where).replace("_", "-")
-        raise
 
 
 # --- one answer ------------------------------------------------------------------------------
@@ -241,7 +190,7 @@ def main(argv: list[str]) -> int:
         locale.setlocale(locale.LC_ALL, "")   # readline needs the UTF-8 locale for wide characters
     except locale.Error:
         pass
-    params = params_from_args(args)
+    params = params_from_args(args, "chat")
     convs = _read_prompt_file(args.prompt_file) if args.prompt_file else None
     print(f"加载模型 loading {args.model} ...", file=sys.stderr, flush=True)
     with engine_from_args(args) as engine:

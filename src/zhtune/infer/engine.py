@@ -1,6 +1,8 @@
-"""One inference interface for every front end (chat, webui, serve, rag): messages or a prompt in,
-a stream of text deltas out. Backends: hf (transformers + adapters), llamacpp (GGUF), vllm (GPU).
+"""The engine contract every front end (chat, webui, serve, rag, eval) relies on: messages or a prompt in,
+a stream of text deltas out. Backends: hf.py (transformers + adapters), llamacpp.py (GGUF), vllm.py (GPU);
+each imports only this module. Which backend and template a path gets: zhtune.infer.resolve.
 
+    from zhtune.infer.resolve import load_engine
     engine = load_engine("out/merged")                       # backend picked from what the path is
     for delta in engine.stream([{"role": "user", "content": "你好"}], GenParams(max_new_tokens=64)):
         print(delta.text, end="", flush=True)
@@ -22,19 +24,18 @@ Contract every backend keeps (front ends rely on it):
 
 from __future__ import annotations
 
-import json
 import queue
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
-from zhtune.data.templates import TEMPLATES, Message, Template, get_template
+from zhtune.data.templates import Message, Template
 from zhtune.errors import ZhtuneError
-from zhtune.io import read_run_yaml
 
 Prompt = Union[str, list[Message]]  # raw text (used as is) or a conversation (rendered by the template)
-BACKENDS = ("hf", "llamacpp", "vllm")
 
 
 @dataclass
@@ -155,6 +156,32 @@ def fail_pending(requests: queue.SimpleQueue, first) -> None:
             r.out.put(ZhtuneError("engine was closed", expected="a live engine"))
 
 
+def worker_loop(engine_ref, requests: queue.SimpleQueue, run_batch: Callable, on_exit: Callable | None = None,
+                ) -> None:
+    """The decode thread of a worker backend (hf, llamacpp): wait for a request, `run_batch(engine,
+    first)` (which takes more from `requests` while it runs), repeat until the engine is closed or
+    garbage-collected. Holds only a weak reference between batches so a dropped engine is freed;
+    whatever is still queued at the end gets an error, never silence."""
+    try:
+        while True:
+            first = requests.get()
+            engine = engine_ref()
+            if first is None or engine is None or engine._closed:
+                fail_pending(requests, first)
+                return
+            try:
+                run_batch(engine, first)
+            except BaseException as exc:  # never leave a caller waiting forever
+                print(f"zhtune {engine.backend} worker error: {exc!r}", file=sys.stderr)
+            if engine._closed:     # close() arrived while the batch ran (its None was consumed there)
+                fail_pending(requests, None)
+                return
+            del engine
+    finally:
+        if on_exit is not None:
+            on_exit()
+
+
 class RequestStream:
     """The iterator a worker-thread backend's `stream` returns: deltas from `req.out` (a queue);
     close() or dropping it sets `req.cancelled`, which the worker checks every step."""
@@ -270,11 +297,10 @@ class Engine:
         self.close()
 
 
-# --- what the model path is ------------------------------------------------------------------
-
 @dataclass
 class ModelSpec:
-    """Resolved inputs of a backend: base model folder (or GGUF file), adapters, template."""
+    """What a transformers-side backend (hf, vllm) is given: base model folder, adapters, template.
+    zhtune.infer.resolve.resolve_model works it out from what earlier stages wrote."""
     base: Path
     loras: list[Path]
     template: Template
@@ -282,148 +308,10 @@ class ModelSpec:
     tokenizer: Path                 # folder whose tokenizer to use (the last adapter carrying one)
 
 
-def _is_hf_model(p: Path) -> bool:
-    return p.is_dir() and (p / "config.json").is_file()
-
-
-def _is_adapter(p: Path) -> bool:
-    return p.is_dir() and (p / "adapter_config.json").is_file()
-
-
-def _adapter_dir(p: Path) -> Path:
-    """An adapter folder, or a training output folder holding exactly one *_lora_model/ adapter."""
-    if _is_adapter(p):
-        return p
-    inner = sorted(q for q in p.glob("*_lora_model") if _is_adapter(q)) if p.is_dir() else []
-    if len(inner) == 1:
-        return inner[0]
-    return p
-
-
-def _run_yaml_near(p: Path) -> dict:
-    """run.yaml of an adapter (written beside it, or one level up in the training output folder)."""
-    return read_run_yaml(p) or (read_run_yaml(p.parent) if p.parent != p else {})
-
-
-def _base_of_adapter(adapter: Path, flag: str) -> Path:
-    run = _run_yaml_near(adapter)
-    candidates = [run.get("config", {}).get("model_name_or_path"),
-                  *(run.get("parents", {}) or {}).values()]
-    try:
-        candidates.append(json.loads((adapter / "adapter_config.json").read_text())
-                          .get("base_model_name_or_path"))
-    except (OSError, ValueError):
-        pass
-    for c in candidates:
-        if not c:
-            continue
-        p = Path(str(c)).expanduser()
-        if not p.is_absolute():  # relative paths in run.yaml are relative to where training ran
-            p = p if p.exists() else adapter.parent / p
-        if _is_hf_model(p):
-            return p
-    raise ZhtuneError(f"cannot find the base model of adapter {adapter}", where=flag,
-                      expected="run.yaml config.model_name_or_path (or adapter_config.json "
-                               "base_model_name_or_path) pointing at an existing HF model folder",
-                      hint="pass the base as --model BASE and the adapter as --lora ADAPTER")
-
-
-def _has_tokenizer(p: Path) -> bool:
-    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-
-
-def match_chat_template(chat_template: str | None) -> Template | None:
-    """The registry template whose jinja() is exactly this tokenizer chat_template, if any."""
-    if not chat_template:
-        return None
-    for t in TEMPLATES.values():
-        if t.jinja() == chat_template:
-            return t
-    return None
-
-
-def _chat_template_of(folder: Path) -> str | None:
-    cfg = folder / "tokenizer_config.json"
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
-    except ValueError:
-        return None
-
-
-def resolve_model(model: str | Path, loras=(), template: str | None = None) -> ModelSpec:
-    """Work out base, adapters, tokenizer folder and template from what earlier stages wrote."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ZhtuneError(f"model path does not exist: {model}", where="--model",
-                          expected="an HF model folder, an adapter folder or a .gguf file")
-    lora_paths = []
-    for i, lo in enumerate(loras):
-        lp = _adapter_dir(Path(lo).expanduser())
-        if not _is_adapter(lp):
-            raise ZhtuneError(f"not an adapter folder: {lo}", where=f"--lora #{i + 1}",
-                              expected="a folder with adapter_config.json (e.g. OUTPUT/sft_lora_model)")
-        lora_paths.append(lp)
-    adapter = _adapter_dir(path)
-    if _is_adapter(adapter):        # an adapter alone: its base comes from run.yaml
-        lora_paths.insert(0, adapter)
-        base = _base_of_adapter(adapter, "--model")
-    elif _is_hf_model(path):
-        base = path
-    else:
-        raise ZhtuneError(f"not a model: {model}", where="--model",
-                          expected="a folder with config.json (HF model), an adapter folder "
-                                   "(adapter_config.json) or a .gguf file")
-    tokenizer = next((lp for lp in reversed(lora_paths) if _has_tokenizer(lp)), base)
-    return ModelSpec(base, lora_paths, *_pick_template(template, [base, *lora_paths], tokenizer),
-                     tokenizer=tokenizer)
-
-
-def _pick_template(name: str | None, folders: list[Path], tokenizer: Path) -> tuple[Template, str]:
-    if name:
-        try:
-            return get_template(name), "--template"
-        except ZhtuneError as exc:
-            exc.where = "--template"
-            raise
-    for folder in reversed(folders):   # the last stage's choice wins
-        run_name = _run_yaml_near(folder).get("config", {}).get("template")
-        if run_name and run_name in TEMPLATES:
-            return TEMPLATES[run_name], "run.yaml"
-    found = match_chat_template(_chat_template_of(tokenizer)) if tokenizer.is_dir() else None
-    if found:
-        return found, "chat_template"
-    return TEMPLATES["default"], "default"
-
-
-def pick_backend(model: str | Path, backend: str | None) -> str:
-    if backend:
-        if backend not in BACKENDS:
-            raise ZhtuneError(f"unknown backend {backend!r}", where="--backend", expected=" | ".join(BACKENDS))
-        return backend
-    return "llamacpp" if str(model).lower().endswith(".gguf") else "hf"
-
-
-def load_engine(model: str, loras: list[str] | tuple[str, ...] = (), backend: str | None = None,
-                template: str | None = None, **options) -> Engine:
-    """Open `model` with the backend named, or the one its path implies (.gguf -> llamacpp, else hf).
-
-    options go to the backend: hf: dtype ("auto"|"fp32"|"bf16"|"fp16"), load_in_8bit, load_in_4bit,
-    num_gpus, device, max_batch_size (16); llamacpp: n_ctx (per sequence; 0 = the model's),
-    n_threads, n_threads_batch, n_batch, n_parallel (8); vllm: num_gpus, dtype, gpu_memory_utilization,
-    max_model_len.
-    """
-    name = pick_backend(model, backend)
-    if name == "llamacpp":
-        from zhtune.infer.llamacpp import LlamaCppEngine
-
-        return LlamaCppEngine(model, loras=loras, template=template, **options)
-    spec = resolve_model(model, loras, template)
-    if name == "vllm":
-        from zhtune.infer.vllm import VllmEngine
-
-        return VllmEngine(spec, **options)
-    from zhtune.infer.hf import HFEngine
-
-    return HFEngine(spec, **options)
+def prompt_ids(engine: Engine, prompt: Prompt) -> list[int]:
+    """Prompt ids exactly as training built them, with the engine's transformers tokenizer (hf and
+    vllm backends): a conversation segment by segment, raw text with BOS."""
+    if isinstance(prompt, str):
+        return engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return [i for ids in engine.tokenizer(engine.segments(prompt), add_special_tokens=False)["input_ids"]
+            for i in ids]

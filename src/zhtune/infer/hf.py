@@ -1,5 +1,5 @@
 """transformers backend: a base model (+ LoRA adapters applied unmerged) decoding concurrent requests
-as one batch on a worker thread. Used through zhtune.infer.engine.load_engine(path, backend="hf").
+as one batch on a worker thread. Used through zhtune.infer.resolve.load_engine(path, backend="hf").
 
 Why our own decode loop instead of `model.generate`: requests arrive at different times with different
 parameters. One worker thread owns the model; new requests are prefilled and joined into the running
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import random
-import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import (Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, RequestStream,
-                                 StopFilter, fail_pending)
+                                 StopFilter, fail_pending, prompt_ids, worker_loop)
 
 HOLD_LIMIT = 6   # a UTF-8 character is at most 4 byte tokens: release text held longer than this
 
@@ -162,15 +161,6 @@ def _apply_adapters(model, spec: ModelSpec, tokenizer_len: int):
     return model
 
 
-def prompt_ids(engine: Engine, prompt: Prompt) -> list[int]:
-    """Prompt ids exactly as training built them, with the engine's transformers tokenizer (hf and
-    vllm backends): a conversation segment by segment, raw text with BOS."""
-    if isinstance(prompt, str):
-        return engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return [i for ids in engine.tokenizer(engine.segments(prompt), add_special_tokens=False)["input_ids"]
-            for i in ids]
-
-
 # --- per-request state -------------------------------------------------------------------------
 
 @dataclass(eq=False)   # identity, not field, equality: rows are looked up by object
@@ -198,10 +188,12 @@ class HFEngine(Engine):
 
     def __init__(self, spec: ModelSpec, dtype: str = "auto", load_in_8bit: bool = False,
                  load_in_4bit: bool = False, num_gpus: int | None = None, device: str | None = None,
-                 max_batch_size: int = 16, **unknown):
+                 max_batch_size: int = 16, max_model_len: int | None = None, **unknown):
+        """max_model_len: shortens the model's context (max_position_embeddings), never stretches it."""
         if unknown:
             raise ZhtuneError(f"unknown option(s) for the hf backend: {', '.join(unknown)}", where="options",
-                              expected="dtype, load_in_8bit, load_in_4bit, num_gpus, device, max_batch_size")
+                              expected="dtype, load_in_8bit, load_in_4bit, num_gpus, device, max_batch_size, "
+                                       "max_model_len")
         import torch
 
         self.spec = spec
@@ -213,6 +205,11 @@ class HFEngine(Engine):
         self.model_name = (spec.loras[-1] if spec.loras else spec.base).name
         cfg = self.model.config
         self.max_model_len = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+        if max_model_len:
+            if max_model_len > self.max_model_len:
+                raise ZhtuneError(f"--context-length {max_model_len} is more than the model's {self.max_model_len} "
+                                  "tokens", where="--context-length", expected=f"at most {self.max_model_len}")
+            self.max_model_len = int(max_model_len)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
@@ -288,22 +285,8 @@ class HFEngine(Engine):
 # --- the decode worker -----------------------------------------------------------------------
 
 def _worker_main(engine_ref, requests: queue.SimpleQueue) -> None:
-    """Runs until the engine is closed or garbage-collected; holds only a weak reference between
-    batches so a dropped engine is freed."""
-    while True:
-        first = requests.get()
-        engine = engine_ref()
-        if first is None or engine is None or engine._closed:
-            fail_pending(requests, first)
-            return
-        try:
-            _Batch(engine, requests).run([first])
-        except BaseException as exc:  # never leave a caller waiting forever
-            print(f"zhtune hf worker error: {exc!r}", file=sys.stderr)
-        if engine._closed:     # close() arrived while the batch ran (its None was consumed there)
-            fail_pending(requests, None)
-            return
-        del engine
+    """The decode thread: each batch starts from one request and takes more as it runs."""
+    worker_loop(engine_ref, requests, lambda engine, first: _Batch(engine, requests).run([first]))
 
 
 class _Batch:

@@ -1,5 +1,5 @@
 """llama.cpp backend: a GGUF file through llama-cpp-python, prompts from our template registry.
-Used through zhtune.infer.engine.load_engine("model.q4_k_m.gguf") (picked by the .gguf suffix).
+Used through zhtune.infer.resolve.load_engine("model.q4_k_m.gguf") (picked by the .gguf suffix).
 
 llama-cpp-python's high-level `Llama` decodes one sequence at a time and is not thread-safe, so we
 use it only for the model, vocabulary and metadata, and decode with the low-level API: one worker
@@ -15,17 +15,16 @@ import codecs
 import os
 import queue
 import random
-import sys
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zhtune.data.templates import TEMPLATES, get_template
+from zhtune.data.templates import TEMPLATES, Template
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import (Delta, Engine, GenParams, Prompt, PromptTooLong, RequestStream,
-                                 StopFilter, fail_pending, match_chat_template)
-from zhtune.io import read_run_yaml
+from zhtune.infer.engine import (Delta, Engine, GenParams, Prompt, PromptTooLong, RequestStream, StopFilter,
+                                 worker_loop)
 
 ATTR_SPECIAL = (1 << 3) | (1 << 4)   # llama_token_attr CONTROL | USER_DEFINED
 KV_SPLIT_BYTES = 1 << 30               # per-sequence KV caches up to this size (see _open_context)
@@ -42,30 +41,16 @@ def _check_gguf(model: str | Path) -> Path:
     return path
 
 
-def _pick_template(name: str | None, path: Path, metadata: dict):
-    if name:
-        try:
-            return get_template(name)
-        except ZhtuneError as exc:
-            exc.where = "--template"
-            raise
-    found = match_chat_template(metadata.get("tokenizer.chat_template"))
-    if found:
-        return found
-    for folder in (path.parent, path.parent.parent):   # run.yaml of the model it was exported from
-        run_name = (read_run_yaml(folder).get("config") or {}).get("template")
-        if run_name in TEMPLATES:
-            return TEMPLATES[run_name]
-    return TEMPLATES["default"]
-
-
 class LlamaCppEngine(Engine):
     backend = "llamacpp"
 
-    def __init__(self, model: str | Path, loras=(), template: str | None = None, n_ctx: int = 0,
+    def __init__(self, model: str | Path, loras=(), template: Callable[[str | None, str, str], Template] | None = None,
+                 n_ctx: int = 0,
                  n_threads: int | None = None, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_parallel: int = 8, **unknown):
-        """n_ctx: context per sequence (0: the model's); n_parallel: sequences decoded together;
+        """template: called with the GGUF's embedded chat_template, BOS and EOS text, returns the registry template to use
+        (zhtune.infer.resolve.gguf_template; default: the "default" template);
+        n_ctx: context per sequence (0: the model's); n_parallel: sequences decoded together;
         n_threads: threads for a step of one token (one stream decoding); n_threads_batch: for steps
         of several tokens (prompts, several streams at once)."""
         if unknown:
@@ -103,7 +88,6 @@ class LlamaCppEngine(Engine):
             raise ZhtuneError(f"llama.cpp cannot load {self.path}: {exc}", where="--model",
                               expected="a GGUF of a LLaMA-family model") from None
         self._embedder = None
-        self.template = _pick_template(template, self.path, self.llm.metadata)
         self.model_name = self.path.stem
         import llama_cpp
 
@@ -112,6 +96,8 @@ class LlamaCppEngine(Engine):
         model = self.llm._model
         self.bos_token = model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
         self.eos_token = model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
+        choose = template or (lambda _chat_template, _bos, _eos: TEMPLATES["default"])
+        self.template = choose(self.llm.metadata.get("tokenizer.chat_template"), self.bos_token, self.eos_token)
         self.stop_ids = {t for t in (self.llm.token_eos(), model.token_eot()) if t >= 0}
         self.text_stops = []
         for s in self.template.stop:   # a stop string that is one special token stops by id
@@ -252,24 +238,15 @@ class _Slot:
 
 
 def _worker_main(engine_ref, requests: queue.SimpleQueue) -> None:
-    decoder = None
-    while True:
-        first = requests.get()
-        engine = engine_ref()
-        if first is None or engine is None or engine._closed:
-            fail_pending(requests, first)
-            break
-        decoder = decoder or _Decoder(engine)
-        try:
-            decoder.run(first, requests)
-        except BaseException as exc:  # never leave a caller waiting forever
-            print(f"zhtune llamacpp worker error: {exc!r}", file=sys.stderr)
-        if engine._closed:
-            fail_pending(requests, None)
-            break
-        del engine
-    if decoder is not None:
-        decoder.batch.close()
+    """The decode thread: one _Decoder (its slots keep their KV cache) across batches."""
+    decoder: list[_Decoder] = []
+
+    def run_batch(engine: LlamaCppEngine, first: _Req) -> None:
+        if not decoder:
+            decoder.append(_Decoder(engine))
+        decoder[0].run(first, requests)
+
+    worker_loop(engine_ref, requests, run_batch, on_exit=lambda: decoder and decoder[0].batch.close())
 
 
 class _Decoder:

@@ -1,5 +1,5 @@
 """vLLM backend (CUDA GPUs): vLLM's LLMEngine fed prompt ids built by our template registry, adapters
-through LoRA requests. Used through load_engine(path, backend="vllm"); on a machine without vLLM
+through LoRA requests. Used through zhtune.infer.resolve.load_engine(path, backend="vllm"); on a machine without vLLM
 or a GPU it is a clear ZhtuneError.
 
 One worker thread owns the LLMEngine and calls step(); every stream has a queue. vLLM batches the
@@ -13,7 +13,7 @@ import queue
 import threading
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong
+from zhtune.infer.engine import Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, prompt_ids
 
 
 def _require_vllm():
@@ -75,8 +75,6 @@ class VllmEngine(Engine):
         self._worker.start()
 
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
-        from zhtune.infer.hf import prompt_ids
-
         return prompt_ids(self, prompt)
 
     def count_tokens(self, text: str) -> int:

@@ -95,30 +95,19 @@ class Budget:
 
 
 def add_llm_args(parser: argparse.ArgumentParser) -> None:
+    """--model (+ the shared model flags of zhtune.infer.options) or --api-base, and the sampling flags."""
+    from zhtune.infer.options import add_gen_args, add_model_args
+
     group = parser.add_argument_group("model / 模型 (one of --model or --api-base)")
     which = group.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="model folder or .gguf, run in-process by the zhtune engine")
+    add_model_args(group, model_group=which,
+                   context_help="model context in tokens (default: the engine's; over HTTP: the server's "
+                                f"max_model_len if it says, else {DEFAULT_API_CONTEXT})")
     which.add_argument("--api-base", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
-    group.add_argument("--lora", action="append", default=[], help="LoRA adapter folder(s) on top of --model")
-    group.add_argument("--backend", choices=["hf", "llamacpp", "vllm"], default=None,
-                       help="engine backend (default: from the model path)")
-    group.add_argument("--template", default=None, help="chat template name (default: what training recorded)")
-    group.add_argument("--dtype", default="auto", help="hf: auto | fp32 | bf16 | fp16")
-    group.add_argument("--load-in-8bit", action="store_true", help="hf: 8-bit weights (bitsandbytes)")
-    group.add_argument("--load-in-4bit", action="store_true", help="hf: 4-bit nf4 weights (bitsandbytes)")
-    group.add_argument("--num-gpus", type=int, default=None, help="hf/vllm: GPUs to spread the model over")
-    group.add_argument("--threads", type=int, default=None, help="llamacpp: CPU threads")
     group.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"),
                        help="API key for --api-base (default: $OPENAI_API_KEY)")
     group.add_argument("--model-name", default=None, help="model name on the server (default: its first model)")
-    group.add_argument("--context-length", type=int, default=None,
-                       help="model context in tokens (default: the engine's; over HTTP: the server's "
-                            f"max_model_len if it says, else {DEFAULT_API_CONTEXT})")
-    group.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-    group.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=0.9)
-    group.add_argument("--repetition-penalty", type=float, default=1.1)
-    group.add_argument("--seed", type=int, default=None)
+    add_gen_args(group, "rag")
 
 
 def _check_budget(budget: Budget) -> Budget:
@@ -132,23 +121,21 @@ def _check_budget(budget: Budget) -> Budget:
 
 
 def open_engine_llm(args: argparse.Namespace) -> tuple[EngineChat, Budget]:
-    from zhtune.infer.chat import engine_from_args  # the same backend options as `zhtune chat`
-    from zhtune.infer.engine import GenParams
+    from zhtune.infer.options import engine_from_args, params_from_args  # the same flags as `zhtune chat`
 
-    params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
-    engine = engine_from_args(args)
-    context = args.context_length or engine.max_model_len
+    params = params_from_args(args, "rag")
+    engine = engine_from_args(args)   # --context-length reaches the engine: it can only shorten the context
+    context = engine.max_model_len
     if not context:
         engine.close()
         raise ZhtuneError("the model does not say its context length", where=args.model,
                           hint="pass --context-length N")
-    if engine.max_model_len and context > engine.max_model_len:
-        engine.close()
-        raise ZhtuneError(f"--context-length {context} is more than the model's {engine.max_model_len} tokens",
-                          where="--context-length", expected=f"at most {engine.max_model_len}")
     budget = Budget(context, args.max_new_tokens, lambda msgs: engine.count_tokens(engine.format(msgs)), True)
-    return EngineChat(engine=engine, params=params), _check_budget(budget)
+    try:
+        return EngineChat(engine=engine, params=params), _check_budget(budget)
+    except ZhtuneError:
+        engine.close()
+        raise
 
 
 def _server_model(args: argparse.Namespace) -> tuple[str, int | None]:
@@ -208,6 +195,9 @@ def _calibrate(args: argparse.Namespace, name: str, sample: str) -> tuple[float,
 def open_api_llm(args: argparse.Namespace, sample: str = "") -> tuple[BaseChatModel, Budget]:
     from langchain_openai import ChatOpenAI
 
+    from zhtune.infer.options import params_from_args
+
+    params_from_args(args, "rag")   # the same range checks as in-process, before any request
     name, server_context = _server_model(args)
     llm = ChatOpenAI(model=name, base_url=args.api_base, api_key=args.api_key, temperature=args.temperature,
                      top_p=args.top_p, max_tokens=args.max_new_tokens, seed=args.seed, timeout=600, max_retries=1)

@@ -228,7 +228,7 @@ def gen_params(req, max_tokens: int) -> GenParams:
 def budget(prompt_tokens: int, requested: int | None, context: int, prompt_param: str) -> int:
     """max_new_tokens for a prompt: the request's, checked against the context, or the rest of it."""
     if not context:
-        return requested if requested is not None else 512
+        return requested if requested is not None else GenParams().max_new_tokens
     if prompt_tokens >= context:
         raise APIError(400, f"This model's maximum context length is {context} tokens; your prompt has "
                             f"{prompt_tokens} tokens. Shorten it.", param=prompt_param, code="context_length_exceeded")
@@ -548,64 +548,33 @@ OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=sk-local python your_ope
 """
 
 
-def _parser():
-    from zhtune.args import make_parser, parse_size
+def build_parser():
+    from zhtune.args import bounded_int, make_parser, parse_size
+    from zhtune.infer.options import add_model_args
 
     p = make_parser("serve", "OpenAI 兼容的 API 服务 (聊天、补全、向量)。\n"
                              "OpenAI-compatible API server: /v1/chat/completions, /v1/completions, "
                              "/v1/embeddings, /v1/models, /health.", _EXAMPLES)
-    p.add_argument("--model", required=True, help="HF model folder, adapter folder or .gguf file")
-    p.add_argument("--lora", action="append", default=[], metavar="DIR", help="adapter on top (repeatable)")
-    p.add_argument("--backend", choices=["hf", "llamacpp", "vllm"], default=None,
-                   help="default: llamacpp for .gguf, else hf")
-    p.add_argument("--template", default=None, help="chat template name (default: what training wrote)")
+    add_model_args(p, context_help="context cap in tokens (default: the model's; llamacpp: the context of "
+                                   "each of the --max-concurrency sequences)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=bounded_int("--port", 1, 65535), default=8000)
     p.add_argument("--api-key", default=os.environ.get("ZHTUNE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $ZHTUNE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
-    p.add_argument("--max-concurrency", type=int, default=None,
+    p.add_argument("--max-concurrency", type=bounded_int("--max-concurrency", 1, 1 << 30), default=None,
                    help="generations running at once (default: 16; vllm: 256)")
-    p.add_argument("--max-queue", type=int, default=256, help="generations waiting; past it: 503")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length cap in tokens")
+    p.add_argument("--max-queue", type=bounded_int("--max-queue", 0, 1 << 30), default=256,
+                   help="generations waiting; past it: 503")
     p.add_argument("--max-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY, help="request size cap (413)")
-    p.add_argument("--dtype", default="auto", help="hf backend: auto | fp32 | bf16 | fp16")
-    p.add_argument("--threads", type=int, default=None,
-                   help="llamacpp: CPU threads for one-token steps (default: half the CPUs)")
-    p.add_argument("--threads-batch", type=int, default=None,
-                   help="llamacpp: CPU threads for prompts and steps of several streams (default: --threads; "
-                        "raise it only where cores are free: the HTTP side needs one)")
     p.add_argument("--print-vllm-command", action="store_true",
                    help="write our chat template to a file and print the command for vLLM's own server")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
 
-def _check_args(args) -> None:
-    for flag in ("port", "max_concurrency", "max_queue", "max_model_len", "threads", "threads_batch"):
-        value = getattr(args, flag)
-        low = 0 if flag == "max_queue" else 1
-        if value is not None and not (low <= value <= (65535 if flag == "port" else 1 << 30)):
-            raise ZhtuneError(f"--{flag.replace('_', '-')} {value} is out of range",
-                              where=f"--{flag.replace('_', '-')}", expected=f"an integer >= {low}")
-
-
-def _engine_options(args) -> dict:
-    """The serve flags each backend understands: the batch width follows --max-concurrency."""
-    from zhtune.infer.engine import pick_backend
-
-    backend = pick_backend(args.model, args.backend)
-    if backend == "llamacpp":
-        return {"n_ctx": args.max_model_len or 0, "n_parallel": min(args.max_concurrency, 256),
-                "n_threads": args.threads, "n_threads_batch": args.threads_batch}
-    if backend == "vllm":
-        return {"dtype": args.dtype, "max_model_len": args.max_model_len}
-    return {"dtype": args.dtype, "max_batch_size": args.max_concurrency}
-
-
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    _check_args(args)
+    args = build_parser().parse_args(argv)
     if args.max_concurrency is None:
         args.max_concurrency = 256 if args.backend == "vllm" else 16
     if args.print_vllm_command:
@@ -617,14 +586,13 @@ def main(argv: list[str]) -> int:
         import uvicorn
     except ImportError:
         raise ZhtuneError("uvicorn is not installed", hint="pip install 'zhtune[serve]'") from None
-    from zhtune.infer.engine import load_engine
+    from zhtune.infer.options import engine_from_args
 
-    engine = load_engine(args.model, args.lora, backend=args.backend, template=args.template,
-                         **_engine_options(args))
+    engine = engine_from_args(args, concurrency=args.max_concurrency)
     try:
         app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
                          max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
-                         max_queue=args.max_queue, max_model_len=args.max_model_len)
+                         max_queue=args.max_queue, max_model_len=args.context_length)
         served = app.state.server.served
         print(f"zhtune serve: {served} ({engine.backend}) on http://{args.host}:{args.port}/v1 "
               f"— 模型服务已启动 / serving; Ctrl-C 停止 / to stop")

@@ -15,7 +15,7 @@ from zhtune.io import atomic_write_text
 
 def vllm_command(args, template_dir: str | Path = ".") -> str:
     """The `python -m vllm.entrypoints.openai.api_server ...` line for these `zhtune serve` args."""
-    from zhtune.infer.engine import resolve_model
+    from zhtune.infer.resolve import resolve_model
 
     if str(args.model).lower().endswith(".gguf"):
         raise ZhtuneError("vLLM serves HF model folders here, not GGUF files", where="--model",
@@ -33,8 +33,8 @@ def vllm_command(args, template_dir: str | Path = ".") -> str:
            "--host", args.host, "--port", str(args.port)]
     if spec.tokenizer != spec.base:
         cmd += ["--tokenizer", str(spec.tokenizer.resolve())]
-    if args.max_model_len:
-        cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.context_length:
+        cmd += ["--max-model-len", str(args.context_length)]
     if args.max_concurrency:
         cmd += ["--max-num-seqs", str(args.max_concurrency)]
     if spec.loras:

@@ -154,9 +154,9 @@ def build_app(engine, system: str | None = None, defaults: GenParams | None = No
     return app
 
 
-def main(argv: list[str]) -> int:
-    from zhtune.args import make_parser
-    from zhtune.infer.chat import add_gen_args, add_model_args, engine_from_args, params_from_args
+def build_parser():
+    from zhtune.args import bounded_int, make_parser
+    from zhtune.infer.options import add_gen_args, add_model_args
 
     p = make_parser("webui", """
         网页对话 (Gradio)：流式输出、多轮历史、系统提示、生成参数、停止与清空。
@@ -168,13 +168,17 @@ def main(argv: list[str]) -> int:
     add_model_args(p)
     p.add_argument("--system", default=None, help="系统提示 default system prompt")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it on the network)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=bounded_int("--port", 1, 65535), default=7860)
     p.add_argument("--share", action="store_true", help="Gradio 公网分享链接 a public gradio.live link")
-    add_gen_args(p)
-    args = p.parse_args(argv)
-    if not 0 < args.port < 65536:
-        raise ZhtuneError(f"port {args.port} is out of range", where="--port", expected="1..65535")
-    defaults = params_from_args(args)
+    add_gen_args(p, "webui")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from zhtune.infer.options import engine_from_args, params_from_args
+
+    args = build_parser().parse_args(argv)
+    defaults = params_from_args(args, "webui")
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -1,0 +1,80 @@
+"""House rules for the whole package: no import circle anywhere (top-level or function-level imports),
+no inference backend importing another, no export module importing the merge command."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import zhtune
+
+SRC = Path(zhtune.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the zhtune modules it imports}, every import statement counted, wherever it is."""
+    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("zhtune"):
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names} & modules.keys()  # from zhtune.x import y
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("zhtune")}
+        graph[name] = (deps & modules.keys()) - {name, "zhtune"}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_import_circle_in_infer():
+    assert [c for c in import_circles(import_graph()) if any(m.startswith("zhtune.infer") for m in c)] == []
+
+
+def test_the_circle_finder_finds_one():
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_backends_import_only_the_engine_contract():
+    graph = import_graph()
+    backends = {"zhtune.infer.hf", "zhtune.infer.llamacpp", "zhtune.infer.vllm"}
+    for backend in backends:
+        assert not graph[backend] & (backends | {"zhtune.infer.resolve", "zhtune.infer.options"}), backend
+        assert "zhtune.infer.engine" in graph[backend]
+    assert not graph["zhtune.infer.engine"] & {m for m in graph if m.startswith("zhtune.infer.")}
