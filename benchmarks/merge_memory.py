@@ -50,7 +50,7 @@ def build(root: Path, hidden: int, layers: int, inter: int, vocab: int, new_voca
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     from zhtune import tiny
-    from zhtune.export.merge import TensorSpec, write_sharded_safetensors
+    from zhtune.export.weights import TensorSpec, write_sharded_safetensors
     from zhtune.vocab.hf import write_hf_tokenizer
 
     cfg = tiny.tiny_llama_config(vocab, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
@@ -125,7 +125,7 @@ def run(code: str) -> tuple[float, float]:
 
 
 def same_tensors(a: Path, b: Path) -> float:
-    from zhtune.export.merge import WeightReader
+    from zhtune.export.weights import WeightReader
 
     ra, rb = WeightReader(a), WeightReader(b)
     assert sorted(ra.names()) == sorted(rb.names()), "different tensor names"

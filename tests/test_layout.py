@@ -78,3 +78,15 @@ def test_backends_import_only_the_engine_contract():
         assert not graph[backend] & (backends | {"zhtune.infer.resolve", "zhtune.infer.options"}), backend
         assert "zhtune.infer.engine" in graph[backend]
     assert not graph["zhtune.infer.engine"] & {m for m in graph if m.startswith("zhtune.infer.")}
+
+
+def test_no_import_circle_in_export():
+    assert [c for c in import_circles(import_graph()) if any(m.startswith("zhtune.export") for m in c)] == []
+
+
+def test_export_modules_never_import_the_merge_command():
+    graph = import_graph()
+    for name in ("zhtune.export.meta", "zhtune.export.gguf", "zhtune.export.parity", "zhtune.export.weights",
+                 "zhtune.export.adapters", "zhtune.model.load"):
+        assert "zhtune.export.merge" not in graph[name], name
+    assert "zhtune.export.weights" in graph["zhtune.export.adapters"]

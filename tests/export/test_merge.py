@@ -10,6 +10,7 @@ import torch
 from zhtune.errors import ZhtuneError
 from zhtune.export import merge as M
 from zhtune.export.parity import verify_merge
+from zhtune.export.weights import WeightReader
 
 
 def test_merge_two_adapters_matches_peft(tmp_path, tiny_model_dir, pt_adapter, sft_adapter, big_tokenizer_dir):
@@ -30,7 +31,7 @@ def test_merge_two_adapters_matches_peft(tmp_path, tiny_model_dir, pt_adapter, s
 
 
 def _tensors(folder):
-    r = M.WeightReader(folder)
+    r = WeightReader(folder)
     return {n: r.get(n) for n in r.names()}
 
 

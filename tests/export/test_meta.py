@@ -10,7 +10,7 @@ import torch
 
 from zhtune.errors import ZhtuneError
 from zhtune.export import meta
-from zhtune.export.merge import WeightReader
+from zhtune.export.weights import WeightReader
 
 
 def test_permutation_matches_meta_rotary():

@@ -245,7 +245,7 @@ def _tensor_plan(model_dir: Path, config: dict, out_type: str):
     expects. A tied head has no output.weight: llama.cpp then reads the token embeddings."""
     import gguf
 
-    from zhtune.export.merge import WeightReader
+    from zhtune.export.weights import WeightReader
 
     reader = WeightReader(model_dir)
     arch = getattr(gguf.MODEL_ARCH, ARCHS[config["model_type"]])

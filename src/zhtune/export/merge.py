@@ -8,333 +8,27 @@ The whole model is never in memory: every output tensor's shape is known before 
 tensors are streamed into it one at a time. Safetensors bases are read with positioned file reads
 (an mmap would count every page it touched as resident memory); .bin bases one shard at a time.
 Peak RAM ≈ the largest tensor (as fp32, ×2) + the adapters (+ one .bin shard for .bin bases).
+The tensor I/O lives in export/weights.py, adapter reading in export/adapters.py; this module plans,
+checks and runs the merge.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import shutil
-import struct
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.export.adapters import EMBED, HEAD, Adapter, load_adapter, read_run_yaml_near, resolve_adapter_dir
+from zhtune.export.weights import TensorSpec, WeightReader, write_sharded_safetensors
 
-# ---- streaming safetensors I/O -----------------------------------------------------------------
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-def _torch_dtype(code: str):
-    import torch
-
-    return getattr(torch, _ST_DTYPES[code])
-
-
-def _st_code(dtype) -> str:
-    name = str(dtype).replace("torch.", "")
-    return next(k for k, v in _ST_DTYPES.items() if v == name)
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header json, byte offset of the data) of a .safetensors file."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ZhtuneError(f"not a safetensors file (too short): {path}", where=str(path))
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            raise ZhtuneError(f"corrupt safetensors header: {path}", where=str(path)) from None
-    return header, 8 + n
-
-
-@dataclass
-class TensorSpec:
-    """One output tensor: its name, shape and dtype are fixed before any data is written."""
-    name: str
-    shape: tuple[int, ...]
-    dtype: Any            # torch.dtype
-    source: Any = None    # whatever the producer needs to build it
-
-    @property
-    def nbytes(self) -> int:
-        import torch
-
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-class WeightReader:
-    """The tensors of an HF model folder (model.safetensors[.index.json] or pytorch_model*.bin), one at a time."""
-
-    def __init__(self, model_dir: str | Path, files: list[Path] | None = None):
-        self.dir = Path(model_dir)
-        self._where: dict[str, tuple[Path, Any]] = {}   # name -> (file, header entry | None)
-        self._cache: tuple[Path | None, dict] = (None, {})
-        files = files or self._files()
-        for f in files:
-            if f.suffix == ".safetensors":
-                header, start = read_safetensors_header(f)
-                for name, entry in header.items():
-                    if name != "__metadata__":
-                        self._where[name] = (f, dict(entry, start=start))
-            else:  # .bin: read the shapes from an mmapped load (data pages are not touched)
-                from zhtune.io import load_state_dict
-
-                for name, t in load_state_dict(f).items():
-                    self._where[name] = (f, {"shape": list(t.shape), "dtype": _st_code(t.dtype)})
-
-    def _files(self) -> list[Path]:
-        for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                              ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            if (self.dir / index).is_file():
-                data = json.loads((self.dir / index).read_text(encoding="utf-8"))
-                names = list(dict.fromkeys(data.get("weight_map", {}).values()))
-                missing = [n for n in names if not (self.dir / n).is_file()]
-                if missing:
-                    raise ZhtuneError(f"shard {missing[0]} listed in {index} is missing", where=str(self.dir / index),
-                                      expected="every shard of the index beside it")
-                return [self.dir / n for n in names]
-            if (self.dir / single).is_file():
-                return [self.dir / single]
-        raise ZhtuneError(f"no model weights in {self.dir}", where=str(self.dir),
-                          expected="model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name][1]["shape"])
-
-    def dtype(self, name: str):
-        return _torch_dtype(self._where[name][1]["dtype"])
-
-    def file(self, name: str) -> Path:
-        return self._where[name][0]
-
-    def get(self, name: str):
-        """The tensor `name` (a fresh CPU tensor)."""
-        import torch
-
-        path, entry = self._where[name]
-        if path.suffix == ".safetensors":
-            begin, end = entry["data_offsets"]
-            buf = bytearray(end - begin)
-            with open(path, "rb") as fh:
-                fh.seek(entry["start"] + begin)
-                if fh.readinto(buf) != len(buf):
-                    raise ZhtuneError(f"{path} is truncated (tensor {name})", where=str(path))
-            if not buf:
-                return torch.empty(entry["shape"], dtype=self.dtype(name))
-            return torch.frombuffer(buf, dtype=self.dtype(name)).view(entry["shape"])
-        if self._cache[0] != path:  # one .bin shard at a time
-            from zhtune.io import load_state_dict
-
-            self._cache = (None, {})
-            self._cache = (path, load_state_dict(path))
-        return self._cache[1][name]
-
-
-def write_sharded_safetensors(out_dir: Path, specs: list[TensorSpec], make: Callable[[TensorSpec], Any],
-                              max_shard_size: int, prefix: str = "model") -> dict[str, str]:
-    """Write `specs` as safetensors shards (+ index when more than one), calling make(spec) per tensor.
-
-    Headers are written first from the specs, then each tensor's bytes as it is made: only one
-    tensor is in memory at a time. Returns the weight map {name: file}.
-    """
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    n = len(shards)
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards):
-        fname = f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for spec in shard:
-            header[spec.name] = {"dtype": _st_code(spec.dtype), "shape": list(spec.shape),
-                                 "data_offsets": [offset, offset + spec.nbytes]}
-            offset += spec.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
-        with open(out_dir / fname, "wb") as fh:
-            fh.write(struct.pack("<Q", len(blob)) + blob)
-            for spec in shard:
-                t = make(spec)
-                if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
-                    raise RuntimeError(f"{spec.name}: made {tuple(t.shape)} {t.dtype}, planned {spec.shape} {spec.dtype}")
-                if spec.nbytes:
-                    fh.write(t.contiguous().view(-1).view(_u8()).numpy().data)
-                weight_map[spec.name] = fname
-    if n > 1:
-        total = sum(s.nbytes for s in specs)
-        (out_dir / f"{prefix}.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n",
-            encoding="utf-8")
-    return weight_map
-
-
-def _u8():
-    import torch
-
-    return torch.uint8
-
-
-# ---- adapters ----------------------------------------------------------------------------------
-@dataclass
-class Lazy:
-    """A tensor of the adapter file read only when the merge reaches it (embeddings can be huge)."""
-    shape: tuple[int, ...]
-    load: Callable[[], Any]   # -> a fresh tensor the caller may modify
-
-
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
-
-
-@dataclass
-class Adapter:
-    """A LoRA adapter folder, read into what the merge needs."""
-    path: Path
-    config: dict
-    lora: dict[str, tuple[Any, Any, float, bool]] = field(default_factory=dict)  # param -> (A, B, scale, is_embedding)
-    full: dict[str, Lazy] = field(default_factory=dict)    # param -> whole new tensor (modules_to_save)
-    tokens: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # param -> (row ids, new rows)
-    tokenizer_size: int | None = None   # len(tokenizer) of the tokenizer in the folder, if any
-    template: str | None = None          # training template name (run.yaml)
-    run: dict = field(default_factory=dict)
-
-    def vocab_rows(self, current: int) -> int | None:
-        """Rows of the vocabulary this adapter changes to: full embeddings of another size than
-        `current`, or trainable rows past it (None: the vocabulary stays as it is)."""
-        if EMBED in self.full:
-            return self.full[EMBED].shape[0] if self.full[EMBED].shape[0] != current else None
-        if EMBED in self.tokens and int(self.tokens[EMBED][0].max()) + 1 > current:
-            return int(self.tokens[EMBED][0].max()) + 1
-        return None
-
-
-def resolve_adapter_dir(path: str | Path) -> Path:
-    """The adapter folder: `path` itself, or the one *_lora_model folder inside a training output."""
-    path = Path(path)
-    if not path.exists():
-        raise ZhtuneError(f"adapter folder not found: {path}", where="--lora", expected="an existing folder")
-    if (path / "adapter_config.json").is_file():
-        return path
-    inner = sorted(p.parent for p in path.glob("*_lora_model/adapter_config.json"))
-    if len(inner) == 1:
-        return inner[0]
-    raise ZhtuneError(f"no adapter_config.json in {path}", where=f"--lora {path}",
-                      expected="a peft adapter folder (adapter_config.json + adapter_model.safetensors)",
-                      hint=f"found {len(inner)} *_lora_model folders; pass one of them" if inner else
-                      "pass the pt_lora_model / sft_lora_model folder that training wrote")
-
-
-def _run_yaml(adapter_dir: Path) -> dict:
-    from zhtune.io import read_run_yaml
-
-    return read_run_yaml(adapter_dir) or read_run_yaml(adapter_dir.parent)
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    for pat, value in (patterns or {}).items():  # peft matches a pattern against the module's name suffix
-        if re.match(rf"(.*\.)?({pat})$", module):
-            return value
-    return default
-
-
-def load_adapter(path: str | Path) -> Adapter:
-    """Read adapter_config.json + weights; classify every tensor; refuse what cannot be merged."""
-    import torch
-
-    from zhtune.io import load_state_dict
-
-    path = resolve_adapter_dir(path)
-    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    where = str(path / "adapter_config.json")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ZhtuneError(f"adapter type {config.get('peft_type')} cannot be merged", where=where,
-                          expected="a LoRA adapter (peft_type LORA)")
-    if config.get("use_dora"):
-        raise ZhtuneError("DoRA adapters are not supported by the streaming merge", where=f"{where}: use_dora",
-                          expected="use_dora: false", hint="merge a DoRA adapter with peft's merge_and_unload")
-    weights = next((path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()), None)
-    if weights is None:
-        raise ZhtuneError(f"adapter weights missing in {path}", where=str(path),
-                          expected="adapter_model.safetensors (or adapter_model.bin) beside adapter_config.json")
-    run = _run_yaml(path)
-    ad = Adapter(path=path, config=config, run=run, template=(run.get("config") or {}).get("template"))
-    if weights.suffix == ".safetensors":  # headers now, tensors on demand
-        file = WeightReader(path, [weights])
-        keys, shape_of, get = file.names(), file.shape, file.get
-    else:
-        state = load_state_dict(weights)
-        keys, shape_of = list(state), (lambda k: tuple(state[k].shape))
-
-        def get(key):
-            return state[key].clone()
-    pairs: dict[str, dict[str, Any]] = {}
-    trained: dict[str, Lazy] = {}
-    for key in keys:
-        name = key.removeprefix("base_model.model.")
-        lazy = Lazy(shape_of(key), lambda key=key: get(key))
-        t = None if name.endswith(".weight") and "lora_" not in name else get(key)  # LoRA/tokens: small, load now
-        if m := re.match(r"(.+)\.lora_(A|B)(\.[^.]+)?\.weight$", name) or \
-                re.match(r"(.+)\.lora_embedding_(A|B)(\.[^.]+)?$", name):
-            pairs.setdefault(m.group(1), {})[m.group(2)] = t
-            pairs[m.group(1)]["embedding"] = "lora_embedding" in name
-        elif name.endswith(".token_adapter.trainable_tokens_delta"):
-            module = name.removesuffix(".token_adapter.trainable_tokens_delta")
-            ad.tokens[module + ".weight"] = (torch.tensor(_token_indices(config, module, where)), t)
-        elif name.endswith(".original_module.weight"):
-            continue  # the untrained copy peft keeps beside a modules_to_save module
-        elif name.endswith(".modules_to_save.weight"):  # the trained copy (wins over a plain duplicate)
-            trained[name.removesuffix(".modules_to_save.weight") + ".weight"] = lazy
-        elif name.endswith(".base_layer.weight"):  # the (resized) weight under a LoRA / token adapter
-            module = name.removesuffix(".base_layer.weight").removesuffix(".token_adapter")
-            ad.full[module + ".weight"] = lazy
-        elif name.endswith(".weight") and "lora_" not in name:
-            ad.full[name] = lazy
-        else:
-            raise ZhtuneError(f"adapter tensor {key!r} cannot be merged", where=str(weights),
-                              expected="LoRA A/B, modules_to_save weights or trainable-token rows")
-    ad.full.update(trained)
-    alpha = config.get("lora_alpha", 8)
-    for module, p in pairs.items():
-        if "A" not in p or "B" not in p:
-            raise ZhtuneError(f"adapter has lora_A without lora_B (or the reverse) for {module}", where=str(weights))
-        r = p["A"].shape[0]
-        a = _pattern_value(config.get("alpha_pattern"), module, alpha)
-        scale = a / math.sqrt(r) if config.get("use_rslora") else a / r
-        ad.lora[module + ".weight"] = (p["A"], p["B"], scale, p["embedding"])
-    if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-        from transformers import AutoTokenizer
-
-        ad.tokenizer_size = len(AutoTokenizer.from_pretrained(str(path)))
-    return ad
-
-
-def _token_indices(config: dict, module: str, where: str) -> list[int]:
-    spec = config.get("trainable_token_indices")
-    if isinstance(spec, list):
-        return spec
-    for key, ids in (spec or {}).items():
-        if module == key or module.endswith("." + key):
-            return ids
-    raise ZhtuneError(f"trainable-token rows for {module} but no trainable_token_indices for it", where=where)
 
 
 # ---- plan: validate everything before writing anything ---------------------------------------
@@ -488,7 +182,7 @@ def _add_lora(w, a, b, scale: float, emb: bool, transpose: bool, chunk: int = 40
 def find_base(adapters: list[Path]) -> Path:
     """The base model named by the first adapter's run.yaml (or its adapter_config.json)."""
     first = adapters[0]
-    run = _run_yaml(first)
+    run = read_run_yaml_near(first)
     cands = [(run.get("config") or {}).get("model_name_or_path"), (run.get("parents") or {}).get("base"),
              json.loads((first / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")]
     for c in cands:
@@ -502,7 +196,7 @@ def find_base(adapters: list[Path]) -> Path:
 def _check_chain(dirs: list[Path]) -> None:
     """Refuse merging an adapter twice: one trained from another (peft_path) already contains it."""
     for k, d in enumerate(dirs):
-        peft_path = ((_run_yaml(d).get("config") or {}).get("peft_path"))
+        peft_path = ((read_run_yaml_near(d).get("config") or {}).get("peft_path"))
         if not peft_path:
             continue
         start = Path(peft_path).expanduser().resolve()

@@ -165,7 +165,7 @@ def hf_to_meta(hf_dir: str | Path, out_dir: str | Path, num_shards: int | None =
     """
     import torch
 
-    from zhtune.export.merge import WeightReader
+    from zhtune.export.weights import WeightReader
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
@@ -230,7 +230,7 @@ def meta_to_hf(input_dir: str | Path, output_dir: str | Path, model_size: str | 
     """Convert Meta's layout to an HF folder (safetensors shards + index, config, tokenizer)."""
     import torch
 
-    from zhtune.export.merge import TensorSpec, write_sharded_safetensors
+    from zhtune.export.weights import TensorSpec, write_sharded_safetensors
     from zhtune.io import atomic_output_dir, atomic_write_json, load_state_dict
     from zhtune.vocab.hf import write_hf_tokenizer
 

@@ -64,7 +64,7 @@ def peft_reference(base: Path, adapter_dirs: list[Path]):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from zhtune.export.merge import load_adapter
+    from zhtune.export.adapters import load_adapter
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     for i, d in enumerate(adapter_dirs):

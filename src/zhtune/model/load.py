@@ -53,7 +53,7 @@ def check_weights_match_config(model_dir: str | Path, where: str = "--model") ->
     or width, missing layers, a head the config ties or the reverse), naming the tensor and both shapes."""
     import json
 
-    from zhtune.export.merge import WeightReader
+    from zhtune.export.weights import WeightReader
 
     model_dir = Path(model_dir)
     try:
