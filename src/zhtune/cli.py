@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from zhtune import __version__
-from zhtune.errors import ZhtuneError
+from zhtune.errors import Terminated, ZhtuneError
 
 # subcommand -> ("module:function", one-line help). Longest match wins ("vocab train" before "vocab").
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     # would fetch from the Hub, on every import; it changes nothing for the user: keep it out of sight
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "gemm_4bit_forward" not in record.getMessage())
+    _terminate_like_interrupt()
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(rest)
@@ -112,9 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         if not debug:
             print("  (加 --debug 查看调用栈 / add --debug for the traceback)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\n已中断 interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): cleanup has run on the way up
+        print("\n已中断 interrupted" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""), file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+
+
+def _terminate_like_interrupt() -> None:
+    """SIGTERM (kill, a scheduler's time limit, docker stop) unwinds like Ctrl-C: temporaries are removed and
+    locks released instead of the process vanishing mid-write."""
+    import signal
+    import threading
+
+    def _raise(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,7 @@ class ZhtuneError(Exception):
         if self.hint:
             lines.append(f"  提示 hint:     {self.hint}")
         return "\n".join(lines)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same cleanup runs (temporaries removed, locks released); exit 143."""
