@@ -64,3 +64,10 @@ def parse_size(value: str) -> int:
     if size <= 0:
         raise ZhtuneError(f"size must be positive: {value!r}", expected="a size like 2GB")
     return size
+
+
+def zhtune_command(*words) -> str:
+    """A `zhtune ...` line for a "next:" hint that the shell runs as printed (paths with spaces quoted)."""
+    import shlex
+
+    return shlex.join(["zhtune", *(str(w) for w in words)])

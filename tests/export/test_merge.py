@@ -81,8 +81,8 @@ def test_pth_format_round_trips(tmp_path, tiny_model_dir, pt_adapter, sft_adapte
     hf = M.merge(tiny_model_dir, [pt_adapter, sft_adapter], tmp_path / "hf", log=lambda *_: None)
     pth = M.merge(tiny_model_dir, [pt_adapter, sft_adapter], tmp_path / "pth", fmt="pth", num_shards=2,
                   log=lambda *_: None)
-    assert sorted(p.name for p in pth.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json",
-                                                     "run.yaml", "tokenizer.model"]
+    assert sorted(p.name for p in pth.iterdir()) == [".zhtune-output.json", "consolidated.00.pth",
+                                                     "consolidated.01.pth", "params.json", "run.yaml", "tokenizer.model"]
     assert json.loads((pth / "params.json").read_text())["vocab_size"] == 1040
     back = _tensors(meta_to_hf(pth, tmp_path / "back"))
     want = _tensors(hf)

@@ -6,7 +6,6 @@ Used by the merge command (export/merge.py) and by the parity check (export/pari
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -73,6 +72,72 @@ def read_run_yaml_near(adapter_dir: Path) -> dict:
     return read_run_yaml(adapter_dir) or read_run_yaml(adapter_dir.parent)
 
 
+def read_adapter_config(path: Path, flag: str = "--lora") -> dict:
+    """adapter_config.json as a mapping: malformed JSON or a JSON list is named, never a traceback."""
+    from zhtune.io import read_json
+
+    config = read_json(path / "adapter_config.json", "adapter_config.json")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ZhtuneError(f"adapter type {config.get('peft_type')} is not supported", where=f"{flag} {path}",
+                          expected="a LoRA adapter (peft_type LORA)")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ZhtuneError(f"adapter_config.json {key} is {value!r}", where=f"{path / 'adapter_config.json'}: {key}",
+                              expected="a positive number")
+    return config
+
+
+def adapter_weights(path: Path) -> Path:
+    """The adapter's weights file, checked: a truncated safetensors file or a pickle that needs code is refused
+    here, by name, before peft or torch meet it."""
+    from zhtune.io import check_safetensors, load_state_dict
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        weights = path / name
+        if weights.is_file():
+            if weights.suffix == ".safetensors":
+                check_safetensors(weights)
+            else:
+                load_state_dict(weights)  # weights_only: refuses a pickle that would run code
+            return weights
+    raise ZhtuneError(f"adapter weights missing in {path}", where=str(path),
+                      expected="adapter_model.safetensors (or adapter_model.bin) beside adapter_config.json")
+
+
+def check_adapter(path: str | Path, flag: str = "--lora") -> Path:
+    """An adapter folder whose config and weights can be read (for chat / serve before loading anything)."""
+    path = resolve_adapter_dir(path)
+    read_adapter_config(path, flag)
+    adapter_weights(path)
+    return path
+
+
+def trained_base(adapter_dir: Path) -> tuple[str | None, Path | None]:
+    """(the base model the adapter was trained on, as recorded; that folder if it exists here).
+
+    run.yaml's parents.model is absolute (written so by io.write_run_yaml); config.model_name_or_path may be
+    relative to where training ran (tried as given, then beside the training output); adapter_config.json's
+    base_model_name_or_path last."""
+    run = read_run_yaml_near(adapter_dir)
+    parents, config = run.get("parents") or {}, run.get("config") or {}
+    try:
+        peft = read_adapter_config(adapter_dir)
+    except ZhtuneError:
+        peft = {}
+    names = [parents.get("model") if isinstance(parents, dict) else None,
+             parents.get("base") if isinstance(parents, dict) else None,
+             config.get("model_name_or_path") if isinstance(config, dict) else None,
+             peft.get("base_model_name_or_path")]
+    names = [str(n) for n in names if n]
+    for name in names:
+        p = Path(name).expanduser()
+        for cand in (p,) if p.is_absolute() else (p, adapter_dir.parent.parent / p, adapter_dir.parent / p):
+            if (cand / "config.json").is_file():
+                return name, cand.resolve()
+    return (names[0] if names else None), None
+
+
 def _pattern_value(patterns: dict, module: str, default):
     for pat, value in (patterns or {}).items():  # peft matches a pattern against the module's name suffix
         if re.match(rf"(.*\.)?({pat})$", module):
@@ -87,18 +152,12 @@ def load_adapter(path: str | Path) -> Adapter:
     from zhtune.io import load_state_dict
 
     path = resolve_adapter_dir(path)
-    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_adapter_config(path)
     where = str(path / "adapter_config.json")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ZhtuneError(f"adapter type {config.get('peft_type')} cannot be merged", where=where,
-                          expected="a LoRA adapter (peft_type LORA)")
     if config.get("use_dora"):
         raise ZhtuneError("DoRA adapters are not supported by the streaming merge", where=f"{where}: use_dora",
                           expected="use_dora: false", hint="merge a DoRA adapter with peft's merge_and_unload")
-    weights = next((path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()), None)
-    if weights is None:
-        raise ZhtuneError(f"adapter weights missing in {path}", where=str(path),
-                          expected="adapter_model.safetensors (or adapter_model.bin) beside adapter_config.json")
+    weights = adapter_weights(path)
     run = read_run_yaml_near(path)
     ad = Adapter(path=path, config=config, run=run, template=(run.get("config") or {}).get("template"))
     if weights.suffix == ".safetensors":  # headers now, tensors on demand
@@ -145,10 +204,19 @@ def load_adapter(path: str | Path) -> Adapter:
         scale = a / math.sqrt(r) if config.get("use_rslora") else a / r
         ad.lora[module + ".weight"] = (p["A"], p["B"], scale, p["embedding"])
     if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-        from transformers import AutoTokenizer
-
-        ad.tokenizer_size = len(AutoTokenizer.from_pretrained(str(path)))
+        ad.tokenizer_size = tokenizer_size(path, f"--lora {path}")
     return ad
+
+
+def tokenizer_size(folder: Path, where: str) -> int:
+    """len() of the tokenizer in `folder`; damaged tokenizer files are named, never a library traceback."""
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(str(folder)))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raise many kinds (Exception from Rust, OSError, ValueError)
+        raise ZhtuneError(f"cannot load the tokenizer in {folder}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                          where=where, expected="readable tokenizer files (tokenizer.model / tokenizer.json)") from None
 
 
 def _token_indices(config: dict, module: str, where: str) -> list[int]:

@@ -352,14 +352,39 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, quant: str = "f1
     quant = quant.lower()
     if quant not in DIRECT + QUANTS:
         raise ZhtuneError(f"unknown quantisation {quant!r}", where="--quant", expected=", ".join(DIRECT + QUANTS))
-    if out.is_dir():  # checked before the work: a rename onto a folder would fail only at the very end
+    if out.suffix != ".gguf":
+        raise ZhtuneError(f"output must end in .gguf: {out}", where="--output", expected="FILE.gguf")
+    from zhtune.io import output_lock
+
+    with output_lock(out, log=log):  # a second export to the same file is refused by name; stale temps go
+        _check_output_file(out, model_dir, overwrite, modelfile)
+        return _export(model_dir, out, quant, verify, modelfile, log)
+
+
+def _check_output_file(out: Path, model_dir: Path, overwrite: bool, modelfile: bool) -> None:
+    """Before the work: the output is a new file path, or (with --overwrite) a GGUF file and a Modelfile that
+    zhtune wrote; anything else there is the user's and is never replaced."""
+    if out.is_dir():  # a rename onto a folder would fail only at the very end
         raise ZhtuneError(f"output path is a folder: {out}", where="--output",
                           expected="a .gguf file path", hint=f"e.g. --output {out / (model_dir.name + '.gguf')}")
     if out.exists() and not overwrite:
         raise ZhtuneError(f"output file exists: {out}", where="--output", expected="a new file path",
                           hint="choose another path or pass --overwrite")
-    if out.suffix != ".gguf":
-        raise ZhtuneError(f"output must end in .gguf: {out}", where="--output", expected="FILE.gguf")
+    if out.exists():
+        with open(out, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ZhtuneError(f"--overwrite would replace {out}, which is not a GGUF file", where="--output",
+                                  expected="a new path, or a .gguf an earlier export wrote",
+                                  hint="move that file away or choose another output path")
+    modelfile_path = out.with_name(out.name + ".Modelfile")
+    if modelfile and modelfile_path.exists() and (not overwrite or not modelfile_path.is_file() or
+                                                   not modelfile_path.read_bytes().startswith(MODELFILE_HEADER.encode())):
+        raise ZhtuneError(f"{modelfile_path} exists and zhtune did not write it", where="--output",
+                          expected="no file where the Ollama Modelfile goes",
+                          hint="move it away, choose another output path, or pass --no-modelfile")
+
+
+def _export(model_dir: Path, out: Path, quant: str, verify: bool, modelfile: bool, log) -> Path:
     config = _check_model_dir(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -393,10 +418,16 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, quant: str = "f1
     if modelfile:
         write_modelfile(out, model_dir)
     log(f"已导出 exported {out} in {time.time() - t0:.1f}s")
+    from zhtune.args import zhtune_command
+
+    log(f"下一步 next: {zhtune_command('chat', '--model', out)}" + (
+        f"   ·   {ollama_create_line(out)}" if modelfile else ""))
     return out
 
 
 # ---- Ollama ------------------------------------------------------------------------------------
+MODELFILE_HEADER = "# Ollama Modelfile written by zhtune"
+
 def ollama_template(template, bos: str = "<s>", eos: str = "</s>") -> str:
     """The training template as an Ollama (Go text/template) TEMPLATE over .System and .Messages."""
     def lit(fmt: str, content: str = "", system: str = "") -> str:
@@ -433,22 +464,27 @@ def _special_tokens(model_dir: Path) -> tuple[str, str]:
     return text(cfg.get("bos_token"), "<s>" if "bos_token" not in cfg else ""), text(cfg.get("eos_token"), "</s>")
 
 
-def write_modelfile(gguf_file: Path, model_dir: Path) -> Path:
-    """Modelfile beside the .gguf: FROM, TEMPLATE (training template), SYSTEM, stop strings, PARAMETERs."""
+def ollama_create_line(gguf_file: Path) -> str:
+    """The `ollama create` command for the Modelfile beside `gguf_file`, quoted for the shell."""
     import shlex
 
+    return shlex.join(["ollama", "create", gguf_file.stem.split(".")[0] or "model", "-f",
+                       str(gguf_file.with_name(gguf_file.name + ".Modelfile"))])
+
+
+def write_modelfile(gguf_file: Path, model_dir: Path) -> Path:
+    """Modelfile beside the .gguf: FROM, TEMPLATE (training template), SYSTEM, stop strings, PARAMETERs."""
     from zhtune.data.templates import template_for_model
     from zhtune.infer.engine import GenParams
-    from zhtune.io import atomic_write_text
+    from zhtune.io import atomic_write_text, read_json
 
     template, source = template_for_model(model_dir)
     bos, eos = _special_tokens(model_dir)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json(model_dir / "config.json", "config.json")
     g = GenParams()
     here = f"./{gguf_file.name}"
-    lines = [f"# Ollama Modelfile written by zhtune (template: {template.name}, from {source})",
-             f"# ollama create {shlex.quote(gguf_file.stem.split('.')[0])} -f "
-             f"{shlex.quote(str(gguf_file.with_name(gguf_file.name + '.Modelfile')))}",
+    lines = [f"{MODELFILE_HEADER} (template: {template.name}, from {source})",
+             f"# {ollama_create_line(gguf_file)}",
              f"FROM {json.dumps(here, ensure_ascii=False) if any(c.isspace() for c in here) else here}",
              f"TEMPLATE {json.dumps(ollama_template(template, bos, eos), ensure_ascii=False)}"]
     if template.default_system:

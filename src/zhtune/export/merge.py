@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
-from zhtune.export.adapters import EMBED, HEAD, Adapter, load_adapter, read_run_yaml_near, resolve_adapter_dir
+from zhtune.export.adapters import (EMBED, HEAD, Adapter, load_adapter, read_run_yaml_near, resolve_adapter_dir,
+                                    tokenizer_size, trained_base)
 from zhtune.export.weights import TensorSpec, WeightReader, write_sharded_safetensors
+from zhtune.io import read_json
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
@@ -180,17 +182,87 @@ def _add_lora(w, a, b, scale: float, emb: bool, transpose: bool, chunk: int = 40
 
 # ---- the command -------------------------------------------------------------------------------
 def find_base(adapters: list[Path]) -> Path:
-    """The base model named by the first adapter's run.yaml (or its adapter_config.json)."""
-    first = adapters[0]
-    run = read_run_yaml_near(first)
-    cands = [(run.get("config") or {}).get("model_name_or_path"), (run.get("parents") or {}).get("base"),
-             json.loads((first / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")]
-    for c in cands:
-        if c and Path(c).is_dir():
-            return Path(c)
+    """The base model the first adapter was trained on (run.yaml parents.model, its config, adapter_config)."""
+    name, found = trained_base(adapters[0])
+    if found is not None:
+        return found
     raise ZhtuneError("--base is not given and the adapter does not name an existing base model folder",
-                      where=f"{first}/../run.yaml (config.model_name_or_path)", expected="--base DIR",
-                      hint=f"the adapter names {next((c for c in cands if c), 'nothing')}")
+                      where=f"{adapters[0]}/../run.yaml (parents.model)", expected="--base DIR",
+                      hint=f"the adapter names {name or 'nothing'}")
+
+
+def _vocab_rows(model_dir: Path) -> int | None:
+    reader = WeightReader(model_dir)
+    if EMBED in reader.names():
+        return reader.shape(EMBED)[0]
+    return read_json(model_dir / "config.json").get("vocab_size")
+
+
+def _weights_differ(a: Path, b: Path, probes: list[str]) -> str | None:
+    """Where two model folders differ: a tensor's shape, or the bytes of a few small tensors (final norm, the
+    first projection an adapter changes); None when they look like the same model."""
+    ra, rb = WeightReader(a), WeightReader(b)
+    if set(ra.names()) != set(rb.names()):
+        return "their tensors differ"
+    for name in ra.names():
+        if ra.shape(name) != rb.shape(name):
+            return f"{name} is {list(ra.shape(name))} vs {list(rb.shape(name))}"
+    for name in [n for n in ("model.norm.weight", *probes) if n in ra.names()][:3]:
+        if not ra.get(name).equal(rb.get(name)):
+            return f"{name} holds other values"
+    return None
+
+
+def _merge_output_of(folder: Path, base: Path, earlier: list[Path]) -> bool:
+    """True when `folder` is a `zhtune merge` of `earlier` adapters into `base` (an adapter trained on that
+    merged model is merged into the original base after them: Chinese-LLaMA-Alpaca's pt -> sft recipe)."""
+    from zhtune.io import read_run_yaml
+
+    run = read_run_yaml(folder)
+    parents = run.get("parents") or {}
+    if run.get("stage") != "merge" or not isinstance(parents, dict):
+        return False
+    loras = [Path(v).resolve() for k, v in sorted(parents.items()) if k.startswith("lora_")]
+    return Path(str(parents.get("base", ""))).resolve() == base.resolve() and \
+        loras == [d.resolve() for d in earlier]
+
+
+def check_bases(base: Path, adapters: list[Adapter], force: bool, log=print) -> dict[int, Path]:
+    """Refuse an adapter trained on another base (another vocabulary, another model) naming both bases and
+    both vocabulary sizes, unless --force. Returns {adapter index: the base it was trained on, found here}."""
+    rows = _vocab_rows(base)
+    trained: dict[int, Path] = {}
+    for k, ad in enumerate(adapters):
+        name, found = trained_base(ad.path)
+        if found is not None:
+            trained[k] = found
+            if found == base.resolve() or _merge_output_of(found, base, [a.path for a in adapters[:k]]):
+                continue
+            differs = _weights_differ(found, base, [n for n in ad.lora if n in WeightReader(base).names()])
+            if differs is None:
+                continue  # a copy of the same model under another path
+            problem = (f"adapter {ad.path} was trained on {found} (vocabulary {_vocab_rows(found)}), "
+                       f"not on the base {base} (vocabulary {rows}): {differs}")
+        elif ad.tokenizer_size is not None and ad.vocab_rows(rows) is None and k == 0:
+            base_tok = _tokenizer_size(base)
+            if base_tok is None or base_tok == ad.tokenizer_size:
+                continue
+            problem = (f"adapter {ad.path} was trained on {name or 'an unrecorded base'} with a {ad.tokenizer_size}-"
+                       f"token vocabulary, the base {base} has a {base_tok}-token one ({rows} embedding rows)")
+        else:
+            continue
+        if force:
+            log(f"警告 warning (--force): {problem}")
+            continue
+        raise ZhtuneError(problem, where=f"--lora {ad.path}", expected="the adapter's own base as --base",
+                          hint=f"pass --base {found or name}, or --force if you really mean to merge it into {base}")
+    return trained
+
+
+def _tokenizer_size(folder: Path) -> int | None:
+    if not any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        return None
+    return tokenizer_size(folder, f"--base {folder}")
 
 
 def _check_chain(dirs: list[Path]) -> None:
@@ -217,7 +289,7 @@ def _write_tokenizer(plan: Plan, out: Path) -> str | None:
     chat = get_template(plan.template).jinja() if plan.template else None
     cfg_path = out / "tokenizer_config.json"
     if chat and cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = read_json(cfg_path, "tokenizer_config.json")
         cfg["chat_template"] = chat
         cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         if (out / "chat_template.jinja").is_file():
@@ -227,28 +299,39 @@ def _write_tokenizer(plan: Plan, out: Path) -> str | None:
 
 def merge(base: str | Path | None, loras: list[str | Path], output: str | Path, fmt: str = "hf",
           dtype: str | None = None, max_shard_size: int = 2 * 1000**3, verify: bool = False,
-          overwrite: bool = False, num_shards: int | None = None, log=print) -> Path:
-    """Merge `loras` (in order) into `base`; write an HF (or Meta pth) folder at `output`."""
-    import torch
+          overwrite: bool = False, num_shards: int | None = None, force: bool = False, log=print) -> Path:
+    """Merge `loras` (in order) into `base`; write an HF (or Meta pth) folder at `output`.
 
-    from zhtune.io import atomic_output_dir, check_output_dir, write_run_yaml
+    The output is locked for the whole run (a second merge into it is refused) and checked before any work."""
+    from zhtune.io import check_output_dir, output_lock
 
-    check_output_dir(output, overwrite)
     if fmt not in ("hf", "pth"):
         raise ZhtuneError(f"unknown format {fmt!r}", where="--format", expected="hf or pth")
     if not loras:
         raise ZhtuneError("no adapter given", where="--lora", expected="one or more --lora DIR")
+    with output_lock(output, log=log):
+        check_output_dir(output, overwrite)
+        return _merge(base, loras, Path(output), fmt, dtype, max_shard_size, verify, overwrite, num_shards,
+                      force, log)
+
+
+def _merge(base, loras, output: Path, fmt, dtype, max_shard_size, verify, overwrite, num_shards, force, log):
+    import torch
+
+    from zhtune.io import atomic_output_dir, write_run_yaml
+
     dirs = [resolve_adapter_dir(p) for p in loras]
     _check_chain(dirs)
     base = Path(base) if base else find_base(dirs)
     if not (base / "config.json").is_file():
         raise ZhtuneError(f"no config.json in {base}", where="--base", expected="an HF model folder")
-    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    config = read_json(base / "config.json", "config.json", where=f"--base {base}")
     t0 = time.time()
     adapters = [load_adapter(d) for d in dirs]
     reader = WeightReader(base)
     out_dtype = getattr(torch, dtype) if dtype else None
-    plan = plan_merge(base, reader, config, adapters, out_dtype)
+    plan = plan_merge(base, reader, config, adapters, out_dtype)  # what cannot fit at all, with its own reason
+    trained = check_bases(base, adapters, force, log)            # what would fit and silently be wrong
     log(f"合并 merging {len(adapters)} adapter(s) into {base}: {len(plan.specs)} tensors, vocab {plan.vocab}")
     from tqdm.auto import tqdm
 
@@ -259,7 +342,7 @@ def merge(base: str | Path | None, loras: list[str | Path], output: str | Path, 
         bar.update()
         return w
 
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, log=log) as tmp:
         hf_dir = tmp if fmt == "hf" else tmp / ".hf"
         hf_dir.mkdir(exist_ok=True)
         write_sharded_safetensors(hf_dir, plan.specs, make, max_shard_size)
@@ -271,9 +354,7 @@ def merge(base: str | Path | None, loras: list[str | Path], output: str | Path, 
             shutil.copyfile(base / "generation_config.json", hf_dir / "generation_config.json")
         _write_tokenizer(plan, hf_dir)
         if verify:
-            from zhtune.export.parity import verify_merge
-
-            verify_merge(base, dirs, hf_dir, log=log)
+            _verify(base, dirs, hf_dir, trained.get(0), log)
         if fmt == "pth":
             from zhtune.export.meta import hf_to_meta
 
@@ -283,7 +364,26 @@ def merge(base: str | Path | None, loras: list[str | Path], output: str | Path, 
                                       "vocab_size": plan.vocab, "model_name_or_path": str(base)},
                        {"base": str(base), **{f"lora_{i + 1}": str(d) for i, d in enumerate(dirs)}})
     log(f"已完成 done in {time.time() - t0:.1f}s -> {output}")
-    return Path(output)
+    if fmt == "hf":
+        from zhtune.args import zhtune_command
+
+        gguf = output.with_name(output.name + ".gguf")
+        log(f"下一步 next: {zhtune_command('chat', '--model', output)}   ·   "
+            f"{zhtune_command('export', 'gguf', '--model', output, '--output', gguf)}")
+    return output
+
+
+def _verify(base: Path, dirs: list[Path], merged: Path, trained_on: Path | None, log) -> None:
+    """--verify: logits of the output vs the adapters applied through peft to the base the first one was
+    trained on, not to --base: a wrong --base would otherwise be checked against itself and pass."""
+    from zhtune.export.parity import verify_merge
+
+    if trained_on is None:
+        log(f"注意 note: the base the adapter was trained on is not recorded or not found here; "
+            f"verifying against --base {base}")
+    elif trained_on != base.resolve():
+        log(f"校验 verify against the adapter's own base {trained_on} (not --base {base})")
+    verify_merge(trained_on or base, dirs, merged, log=log)
 
 
 def main(argv: list[str]) -> int:
@@ -313,10 +413,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num-shards", type=int, default=None,
                         help="model-parallel consolidated.NN.pth files (pth); None: as Meta ships that size")
     parser.add_argument("--verify", action="store_true", help="compare logits with base + adapters through peft")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output folder an earlier zhtune run wrote (never other files)")
+    parser.add_argument("--force", action="store_true",
+                        help="merge even an adapter trained on another base (vocabulary or weights differ)")
     args = parser.parse_args(argv)
     if args.num_shards is not None and args.num_shards < 1:
         raise ZhtuneError(f"--num-shards {args.num_shards}", where="--num-shards", expected="an integer >= 1")
     merge(args.base, args.lora, args.output, args.format, args.dtype, args.max_shard_size, args.verify,
-          args.overwrite, args.num_shards)
+          args.overwrite, args.num_shards, args.force)
     return 0

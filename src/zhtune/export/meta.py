@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from zhtune.errors import ZhtuneError
+from zhtune.io import read_json
 
 # HF name pattern -> Meta name pattern ({i} = layer index)
 HF_TO_META = {
@@ -168,7 +169,7 @@ def hf_to_meta(hf_dir: str | Path, out_dir: str | Path, num_shards: int | None =
     from zhtune.export.weights import WeightReader
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json(hf_dir / "config.json", "config.json")
     if config.get("model_type") not in ("llama", None):
         raise ZhtuneError(f"Meta's layout is for LLaMA models, not {config.get('model_type')!r}",
                           where=str(hf_dir / "config.json"), expected="model_type llama")
@@ -227,7 +228,17 @@ def _meta_files(input_dir: Path, model_size: str | None) -> tuple[Path, list[Pat
 def meta_to_hf(input_dir: str | Path, output_dir: str | Path, model_size: str | None = None,
                max_shard_size: int = 2 * 1000**3, dtype=None, overwrite: bool = False,
                context_length: int | None = None) -> Path:
-    """Convert Meta's layout to an HF folder (safetensors shards + index, config, tokenizer)."""
+    """Convert Meta's layout to an HF folder (safetensors shards + index, config, tokenizer).
+
+    The output is locked for the whole run and checked before any work."""
+    from zhtune.io import check_output_dir, output_lock
+
+    with output_lock(output_dir):
+        check_output_dir(output_dir, overwrite)
+        return _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwrite, context_length)
+
+
+def _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwrite, context_length) -> Path:
     import torch
 
     from zhtune.export.weights import TensorSpec, write_sharded_safetensors
@@ -235,14 +246,14 @@ def meta_to_hf(input_dir: str | Path, output_dir: str | Path, model_size: str | 
     from zhtune.vocab.hf import write_hf_tokenizer
 
     folder, files, tok_model = _meta_files(Path(input_dir), model_size)
-    params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
+    params = read_json(folder / "params.json", "params.json")
     ranks = [load_state_dict(f) for f in files]  # mmapped: pages are read as tensors are converted
     names = [k for k in ranks[0] if k not in _IGNORED_META]
     vocab = ranks[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in ranks[0] else None
     if vocab is None:
         raise ZhtuneError("consolidated.00.pth has no tok_embeddings.weight", where=str(files[0]),
                           expected="a LLaMA checkpoint")
-    if params.get("vocab_size", -1) > 0 and int(params["vocab_size"]) != vocab:
+    if isinstance(params.get("vocab_size"), int) and params["vocab_size"] > 0 and params["vocab_size"] != vocab:
         raise ZhtuneError(f"params.json vocab_size={params['vocab_size']} but tok_embeddings has {vocab} rows",
                           where=str(folder / "params.json"), expected="matching vocab sizes")
     config = config_from_params(params, vocab, context_length)

@@ -35,16 +35,13 @@ def _st_code(dtype) -> str:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header json, byte offset of the data) of a .safetensors file."""
+    """(header json, byte offset of the data) of a .safetensors file that holds every byte its header
+    promises (a truncated shard is named before a merge or an export starts, not halfway through)."""
+    from zhtune.io import check_safetensors
+
+    header = check_safetensors(path)
     with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ZhtuneError(f"not a safetensors file (too short): {path}", where=str(path))
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            raise ZhtuneError(f"corrupt safetensors header: {path}", where=str(path)) from None
+        (n,) = struct.unpack("<Q", fh.read(8))
     return header, 8 + n
 
 
@@ -87,8 +84,13 @@ class WeightReader:
         for index, single in (("model.safetensors.index.json", "model.safetensors"),
                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             if (self.dir / index).is_file():
-                data = json.loads((self.dir / index).read_text(encoding="utf-8"))
-                names = list(dict.fromkeys(data.get("weight_map", {}).values()))
+                from zhtune.io import read_json
+
+                weight_map = read_json(self.dir / index, index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ZhtuneError(f"{index} has no weight_map", where=str(self.dir / index),
+                                      expected='{"weight_map": {tensor name: shard file}}')
+                names = list(dict.fromkeys(str(v) for v in weight_map.values()))
                 missing = [n for n in names if not (self.dir / n).is_file()]
                 if missing:
                     raise ZhtuneError(f"shard {missing[0]} listed in {index} is missing", where=str(self.dir / index),
