@@ -328,12 +328,41 @@ class TrainConfig:
         if self.peft_path and self.finetuning_type == "full":
             raise ZhtuneError("peft_path continues an adapter, but finetuning_type is full", where="peft_path",
                               expected="finetuning_type=lora or qlora")
-        for key in ("lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len",
-                    "logging_steps", "save_steps"):
-            if getattr(self, key) < 1:
-                raise ZhtuneError(f"{key} must be at least 1, got {getattr(self, key)}", where=key)
-        if self.learning_rate <= 0:
-            raise ZhtuneError(f"learning_rate must be positive, got {self.learning_rate}", where="learning_rate")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Values out of range are refused by name (max_steps=-5 ran 3 epochs; warmup_ratio=10 kept the
+        learning rate near 0), never passed on to transformers to be read some other way."""
+        for key in ("lora_rank", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "cutoff_len", "logging_steps", "save_steps"):
+            _at_least(self, key, 1)
+        for key in ("max_samples", "save_total_limit", "eval_steps", "preprocessing_num_workers", "nproc_per_node"):
+            if getattr(self, key) is not None:
+                _at_least(self, key, 1)
+        _at_least(self, "dataloader_num_workers", 0)
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ZhtuneError(f"max_steps must be -1 (train num_train_epochs) or at least 1, got {self.max_steps}",
+                              where="max_steps", expected="-1, or a number of optimizer steps >= 1")
+        for key in ("learning_rate", "num_train_epochs", "lora_alpha", "pref_beta"):
+            if not getattr(self, key) > 0:  # also refuses nan
+                raise ZhtuneError(f"{key} must be positive, got {getattr(self, key)}", where=key)
+        for key, low, high in (("warmup_ratio", 0.0, 1.0), ("lora_dropout", 0.0, 1.0)):
+            if not low <= getattr(self, key) < high:
+                raise ZhtuneError(f"{key} must be in [{low}, {high}), got {getattr(self, key)}", where=key,
+                                  expected=f"a fraction: {low} <= {key} < {high}",
+                                  hint="warmup_ratio is a fraction of the steps (e.g. 0.03), not a step count"
+                                  if key == "warmup_ratio" else None)
+        for key in ("weight_decay", "max_grad_norm", "val_size"):
+            if not getattr(self, key) >= 0:
+                raise ZhtuneError(f"{key} must be >= 0, got {getattr(self, key)}", where=key)
+        if self.val_size >= 1 and not float(self.val_size).is_integer():
+            raise ZhtuneError(f"val_size {self.val_size} is neither a fraction (< 1) nor a number of samples",
+                              where="val_size", expected="0 <= val_size < 1, or a whole number of samples")
+
+
+def _at_least(cfg, key: str, low: int) -> None:
+    if getattr(cfg, key) < low:
+        raise ZhtuneError(f"{key} must be at least {low}, got {getattr(cfg, key)}", where=key)
 
 
 # Chinese-LLaMA-Alpaca run_pt.sh / run_sft.sh (and LLaMA-Factory) names -> ours

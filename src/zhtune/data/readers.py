@@ -58,7 +58,12 @@ class DatasetBundle:
 # --- finding files ------------------------------------------------------------------------------
 
 def _looks_like_hub_id(entry: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", entry)) and Path(entry).suffix not in SUFFIXES
+    """owner/name, and not a path: a value whose first part is a local folder (data/train when data/ exists)
+    or that starts with ./ ../ / ~ is never sent to the Hub (that cost a 36 s timeout with no network)."""
+    from zhtune.io import looks_like_local_path
+
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", entry)) and Path(entry).suffix not in SUFFIXES \
+        and not looks_like_local_path(entry)
 
 
 def resolve_entry(entry: str, where: str) -> list[Path] | str:
@@ -250,6 +255,8 @@ def detect_format(rec: Record, fmt: str = "auto", text_field: str = "text") -> s
 def _field(rec: Record, key: str, required: bool = True, kinds: tuple = (str,), what: str = "a string") -> Any:
     value = rec.data.get(key)
     if value is None:
+        if required and key in rec.data:  # present but null: not a naming problem
+            raise ZhtuneError(f"field {key!r} is null", where=rec.source, expected=f"{key}: {what}")
         if required:
             raise ZhtuneError(f"record has no {key!r} field (keys: {sorted(rec.data)})", where=rec.source,
                               expected=f"{key}: {what}", hint="map your field names with columns={ours: yours}")

@@ -79,10 +79,13 @@ def attach_adapter(model, cfg, vocab_grew: bool):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft_path:
+        from zhtune.export.adapters import check_adapter
+
         path = Path(cfg.peft_path).expanduser()
         if not (path / "adapter_config.json").is_file():
             raise ZhtuneError(f"no adapter_config.json in {path}", where="peft_path",
                               expected="an adapter folder written by `zhtune train` (e.g. out/pt_lora_model)")
+        check_adapter(path, "peft_path")  # a truncated or pickled adapter is named, not a library traceback
         model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
     else:
         save = cfg.modules_to_save

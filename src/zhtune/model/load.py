@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.errors import ZhtuneError
+from zhtune.io import looks_like_local_path, read_json
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -29,9 +30,11 @@ def check_model_path(path: str, key: str = "model_name_or_path") -> str:
             raise ZhtuneError(f"no config.json in model folder {path}", where=key,
                               expected="a Hugging Face model folder (config.json + *.safetensors)",
                               hint="convert Meta .pth weights first: zhtune convert meta ...")
+        if (local / "config.json").is_file():  # read first: the tokenizer loader would otherwise be blamed
+            read_json(local / "config.json", "config.json", where=f"{key}: {local / 'config.json'}")
         return str(local)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    if offline or not _HUB_ID.match(path) or path.startswith((".", "/", "~")):
+    if offline or not _HUB_ID.match(path) or looks_like_local_path(path):
         raise ZhtuneError(f"path not found: {path}", where=key,
                           expected="an existing folder" + ("" if offline else " or a Hub id like org/name"))
     return path

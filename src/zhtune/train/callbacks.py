@@ -89,8 +89,12 @@ def describe_outputs(out: Path, folder: Path, metrics: dict[str, dict]) -> str:
                      f"perplexity={ev.get('perplexity', float('nan')):.2f}")
     lines.append(f"已保存 saved: {folder}")
     lines.append(f"曲线 loss plot: {out / 'training_loss.png'}")
+    from zhtune.args import zhtune_command
+
+    chat = zhtune_command("chat", "--model", folder)
     if folder.name.endswith("_lora_model"):
-        lines.append(f"下一步 next: zhtune chat {folder}   ·   zhtune merge --help (merge it into the base)")
+        merged = folder.parent.with_name(folder.parent.name + "-merged")
+        lines.append(f"下一步 next: {chat}   ·   {zhtune_command('merge', '--lora', folder, '--output', merged)}")
     else:
-        lines.append(f"下一步 next: zhtune chat {folder}")
+        lines.append(f"下一步 next: {chat}")
     return "\n".join(lines)

@@ -6,18 +6,20 @@ The stage files (pt.py, sft.py, dpo.py) call these top to bottom: setup -> train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
-import json
 import math
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from zhtune.config import to_dict
 from zhtune.errors import ZhtuneError
-from zhtune.io import RUN_FILE, atomic_output_dir, atomic_write_json, read_run_yaml, write_run_yaml
+from zhtune.io import RUN_FILE, atomic_output_dir, atomic_write_json, read_json, read_run_yaml, write_run_yaml
 
 # keys that may change between a run and its resumption without making it "another run"
 VOLATILE_KEYS = {"overwrite_output_dir", "resume_from_checkpoint", "report_to", "logging_steps",
@@ -32,18 +34,60 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# the adapter / model folders of every stage, and zhtune's own temporaries and lock files
+_OURS = re.compile(r"checkpoint-\d+|(pt|sft|dpo)_(lora_)?model|\..+\.(lock|tmp)|\..+\.old-\d+")
+
+
 def _ours(name: str) -> bool:
-    return name in RUN_FILES or name.startswith(("checkpoint-", ".")) or name.endswith(("_lora_model", "_model"))
+    return name in RUN_FILES or bool(_OURS.fullmatch(name))
 
 
-def _last_complete_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint-N that was written to the end (Trainer writes trainer_state.json last)."""
+def lock_output_dir(cfg):
+    """Hold output_dir for the whole run (io.output_lock): two trainings into one folder would leave run.yaml
+    of one, checkpoints of both and results of the other. Rank 0 holds it for a multi-process run."""
+    from zhtune.io import output_lock
+
+    if not cfg.output_dir or not is_main_process():
+        return contextlib.nullcontext()
+    return output_lock(Path(cfg.output_dir).expanduser(), where="output_dir")
+
+
+def _complete_checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders written to the end (Trainer writes trainer_state.json last), oldest first."""
     found = []
     for child in out.glob("checkpoint-*"):
         step = child.name.split("-", 1)[1]
         if child.is_dir() and step.isdigit() and (child / "trainer_state.json").is_file():
             found.append((int(step), child))
-    return max(found)[1] if found else None
+    return [c for _, c in sorted(found)]
+
+
+def _last_complete_checkpoint(out: Path) -> Path | None:
+    found = _complete_checkpoints(out)
+    return found[-1] if found else None
+
+
+def check_checkpoint(path: Path) -> None:
+    """Every file Trainer will read to resume from `path` is whole: a truncated optimizer.pt is named here,
+    with the checkpoint before it to resume from, instead of a traceback from torch.load."""
+    from zhtune.io import check_safetensors, check_torch_file, read_json
+
+    try:
+        for f in sorted(path.iterdir()):
+            if f.suffix == ".safetensors":
+                check_safetensors(f)
+            elif f.suffix in (".pt", ".pth", ".bin"):
+                check_torch_file(f)
+            elif f.name == "trainer_state.json":
+                read_json(f)
+    except ZhtuneError as exc:
+        step = int(path.name.split("-")[1]) if re.fullmatch(r"checkpoint-\d+", path.name) else None
+        earlier = [c for c in _complete_checkpoints(path.parent) if step and int(c.name.split("-")[1]) < step]
+        hint = (f"resume from the one before with resume_from_checkpoint={earlier[-1]} (a config key, or on the "
+                f"command line), or start over with resume_from_checkpoint=null" if earlier else
+                "start over with resume_from_checkpoint=null (or delete that checkpoint)")
+        raise ZhtuneError(f"checkpoint {path} is damaged: {exc.what}", where="resume_from_checkpoint",
+                          expected="a checkpoint written to the end", hint=hint) from None
 
 
 def prepare_output_dir(cfg) -> tuple[Path, str | None]:
@@ -58,10 +102,16 @@ def prepare_output_dir(cfg) -> tuple[Path, str | None]:
     if out.exists() and not out.is_dir():
         raise ZhtuneError(f"output_dir is a file: {out}", where="output_dir", expected="a folder")
     current = {k: v for k, v in to_dict(cfg).items() if k not in VOLATILE_KEYS}
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name)) if out.is_dir() else []
+    if foreign and cfg.overwrite_output_dir:  # starting over deletes only what a training run wrote
+        raise ZhtuneError(f"overwrite_output_dir would mix this run with files that are not from a zhtune train "
+                          f"run in {out}: {', '.join(foreign[:5])}" + (f" and {len(foreign) - 5} more" if
+                                                                       len(foreign) > 5 else ""),
+                          where="output_dir", expected="a new or empty folder, or an earlier run's output_dir",
+                          hint="move those files away or choose another output_dir")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir:
         recorded = read_run_yaml(out)
         previous = {k: v for k, v in (recorded.get("config") or {}).items() if k not in VOLATILE_KEYS}
-        foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
         if not recorded or foreign:
             raise ZhtuneError(f"output_dir {out} holds files that are not from a zhtune train run: "
                               f"{', '.join(foreign[:5]) or RUN_FILE + ' is missing'}", where="output_dir",
@@ -73,7 +123,18 @@ def prepare_output_dir(cfg) -> tuple[Path, str | None]:
                               f"{', '.join(changed[:8])})", where="output_dir",
                               expected="the same config to resume that run, or a new folder",
                               hint="choose another output_dir or set overwrite_output_dir=true to start over")
+    if out.is_dir() and is_main_process():
+        _remove_stale_temporaries(out)
     return out, _resume_point(cfg, out)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """What a killed run left inside output_dir (a half-saved adapter folder, a results file being written):
+    this run holds the folder's lock, so none of them is being written now."""
+    for child in out.iterdir():
+        if re.fullmatch(r"\..+\.(tmp|old-\d+)", child.name):
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            print(f"已清理 removed a stale temporary left by an interrupted run: {child}", file=sys.stderr)
 
 
 def record_run(cfg, out: Path, parents: dict[str, str]) -> None:
@@ -82,8 +143,9 @@ def record_run(cfg, out: Path, parents: dict[str, str]) -> None:
     if not is_main_process():
         return
     if cfg.overwrite_output_dir and out.is_dir():
-        for child in out.glob("checkpoint-*"):  # starting over: old checkpoints must not be resumed
-            shutil.rmtree(child, ignore_errors=True)
+        for child in out.iterdir():  # starting over: the earlier run's checkpoints, adapter and results go
+            if _ours(child.name) and child.name != RUN_FILE and not child.name.endswith(".lock"):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     write_run_yaml(out, cfg.stage, to_dict(cfg), _local(parents))
 
@@ -96,11 +158,14 @@ def _resume_point(cfg, out: Path) -> str | None:
         return None
     if value == "auto":
         found = _last_complete_checkpoint(out)
+        if found:
+            check_checkpoint(found)
         return str(found) if found else None
     path = Path(value).expanduser()
     if not (path / "trainer_state.json").is_file():
         raise ZhtuneError(f"not a complete checkpoint: {path}", where="resume_from_checkpoint",
                           expected="auto, null, or a checkpoint-N folder holding trainer_state.json")
+    check_checkpoint(path)
     return str(path)
 
 
@@ -128,24 +193,37 @@ def template_for(cfg):
 
 # --- model ------------------------------------------------------------------------------------
 
-def prepare_model(cfg, template=None):
-    """tokenizer (+ template's chat_template) -> base model -> grown vocabulary -> adapter.
+def prepare_tokenizer(cfg, template=None):
+    """The training tokenizer with the template's chat_template (and literal tokens) installed.
 
-    Returns (tokenizer, model, expansion info).
+    Loaded before the model, so the data is read and validated (file:line errors) before the model takes
+    seconds to load. (The template adds at most a few tokens: the too-small-tokenizer check still holds.)
+    """
+    from zhtune.data.templates import install
+    from zhtune.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    if template is not None:
+        install(tokenizer, template)
+    return tokenizer
+
+
+def prepare_model(cfg, template=None, tokenizer=None):
+    """tokenizer (+ template) -> base model -> grown vocabulary -> adapter; (tokenizer, model, expansion info).
+
+    The stages pass the `tokenizer` prepare_tokenizer made, reading the data in between.
     """
     from transformers import set_seed
 
-    from zhtune.data.templates import install
     from zhtune.model.adapter import attach_adapter
     from zhtune.model.embeddings import base_tokenizer_path, calibration_texts, check_vocab_sizes, expand_embeddings
-    from zhtune.model.load import load_model, load_tokenizer
+    from zhtune.model.load import load_model
 
+    if tokenizer is None:
+        tokenizer = prepare_tokenizer(cfg, template)
     set_seed(cfg.seed)  # LoRA's random init must be the same in a resumed and a fresh run
-    tokenizer = load_tokenizer(cfg)
     model = load_model(cfg)
-    check_vocab_sizes(model, tokenizer)  # before adding template tokens: a too-small tokenizer is a mistake
-    if template is not None:
-        install(tokenizer, template)
+    check_vocab_sizes(model, tokenizer)
     expansion = expand_embeddings(model, tokenizer, base_tokenizer_path(cfg), method=cfg.embedding_init,
                                   calibration=lambda: calibration_texts(cfg))  # read only if the vocab grew
     model = attach_adapter(model, cfg, expansion.grew)
@@ -241,8 +319,8 @@ def save_tokenizer(tokenizer, source: str, folder: Path) -> None:
         shutil.copyfile(src / "tokenizer.model", folder / "tokenizer.model")
     src_cfg, dst_cfg = src / "tokenizer_config.json", folder / "tokenizer_config.json"
     if src_cfg.is_file() and dst_cfg.is_file():
-        keep = json.loads(src_cfg.read_text(encoding="utf-8"))
-        saved = json.loads(dst_cfg.read_text(encoding="utf-8"))
+        keep = read_json(src_cfg, "tokenizer_config.json")
+        saved = read_json(dst_cfg, "tokenizer_config.json")
         saved.update({k: v for k, v in keep.items() if k in ("tokenizer_class", "add_bos_token", "add_eos_token",
                                                                "legacy")})
         atomic_write_json(dst_cfg, saved)
@@ -259,7 +337,7 @@ def save_outputs(trainer, cfg, tokenizer, out: Path, metrics: dict[str, dict], p
     if not trainer.is_world_process_zero():
         return folder
     model = trainer.accelerator.unwrap_model(trainer.model)
-    with atomic_output_dir(folder, overwrite=True) as tmp:
+    with atomic_output_dir(folder, owned=True) as tmp:  # output_dir was checked: the folder is ours
         model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         save_tokenizer(tokenizer, cfg.tokenizer_name_or_path or cfg.model_name_or_path, tmp)
         write_run_yaml(tmp, cfg.stage, to_dict(cfg), _local(parents))

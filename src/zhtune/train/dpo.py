@@ -21,17 +21,17 @@ from pathlib import Path
 
 from zhtune.errors import ZhtuneError
 from zhtune.train.callbacks import describe_outputs, describe_setup
-from zhtune.train.common import (prepare_model, prepare_output_dir, record_run, run_parents, save_outputs,
-                                 train_and_evaluate, training_arguments)
+from zhtune.train.common import (prepare_model, prepare_output_dir, prepare_tokenizer, record_run, run_parents,
+                                 save_outputs, train_and_evaluate, training_arguments)
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 REFERENCE_FREE = ("orpo", "simpo")
 
 
-def prepare_policy(cfg, template):
+def prepare_policy(cfg, template, tokenizer=None):
     """(tokenizer, model, expansion, peft_config): a new LoRA adapter is handed to TRL as a config so
     that TRL's reference pass is the model with the adapter disabled."""
-    tokenizer, model, expansion = prepare_model(cfg, template)
+    tokenizer, model, expansion = prepare_model(cfg, template, tokenizer)
     if cfg.finetuning_type == "full" or cfg.peft_path or cfg.pref_loss in REFERENCE_FREE:
         return tokenizer, model, expansion, None
     # attach_adapter resolved targets / modules_to_save (and prepared a quantised base); keep its config
@@ -121,8 +121,9 @@ def run(cfg) -> Path:
     template = get_template(cfg.template)
     parents = run_parents(cfg)
     out, resume = prepare_output_dir(cfg)
-    tokenizer, model, expansion, peft_config = prepare_policy(cfg, template)
-    data = build_preference_dataset(cfg, tokenizer, template)
+    tokenizer = prepare_tokenizer(cfg, template)
+    data = build_preference_dataset(cfg, tokenizer, template)  # bad pairs are named before the model loads
+    tokenizer, model, expansion, peft_config = prepare_policy(cfg, template, tokenizer)
     trainer = make_preference_trainer(cfg, model, tokenizer, data, out, peft_config)
     print(describe_setup(cfg, expansion, adapter_summary(trainer.model), data.stats, resume), flush=True)
     print(f"偏好损失 preference loss: {cfg.pref_loss} (beta={cfg.pref_beta}); reference 参考模型: "

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from zhtune.train.callbacks import describe_outputs, describe_setup
-from zhtune.train.common import (make_trainer, prepare_model, prepare_output_dir, record_run, run_parents,
-                                 save_outputs, template_for, train_and_evaluate)
+from zhtune.train.common import (make_trainer, prepare_model, prepare_output_dir, prepare_tokenizer, record_run,
+                                 run_parents, save_outputs, template_for, train_and_evaluate)
 
 
 def run(cfg) -> Path:
@@ -22,8 +22,9 @@ def run(cfg) -> Path:
     template = template_for(cfg)  # written into the saved tokenizer's chat_template for later stages
     parents = run_parents(cfg)
     out, resume = prepare_output_dir(cfg)
-    tokenizer, model, expansion = prepare_model(cfg, template)
-    data = build_pretrain_dataset(cfg, tokenizer)
+    tokenizer = prepare_tokenizer(cfg, template)
+    data = build_pretrain_dataset(cfg, tokenizer)  # bad data is named before the model loads
+    tokenizer, model, expansion = prepare_model(cfg, tokenizer=tokenizer)
     trainer = make_trainer(cfg, model, tokenizer, data, out)
     print(describe_setup(cfg, expansion, adapter_summary(model), data.stats, resume), flush=True)
 

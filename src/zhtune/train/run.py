@@ -96,7 +96,10 @@ def run(cfg: TrainConfig) -> int:
             raise
         raise ZhtuneError(f"stage {cfg.stage!r} is not available in this version", where="stage",
                           expected=" | ".join(s for s in STAGES if _exists(STAGES[s]))) from None
-    func(cfg)
+    from zhtune.train.common import lock_output_dir
+
+    with lock_output_dir(cfg):  # the whole run: a second run into the same output_dir is refused by name
+        func(cfg)
     return 0
 
 
