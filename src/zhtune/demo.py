@@ -278,6 +278,18 @@ def _pad(text: str, width: int) -> str:
     return text + " " * (width - _width(text))
 
 
+def _run_steps(demo: Demo, work: Path) -> float:
+    print(f"zhtune demo — 工作目录 work folder: {work}", flush=True)
+    start = time.perf_counter()
+    for i, step in enumerate(STEPS, 1):
+        print(f"\n[{i}/{len(STEPS)}] {step.title}", flush=True)
+        t0 = time.perf_counter()
+        step.figure = step.run(demo)
+        step.seconds = time.perf_counter() - t0
+        print(f"  ✓ {step.figure}  ({step.seconds:.1f}s)", flush=True)
+    return time.perf_counter() - start
+
+
 def main(argv: list[str]) -> int:
     parser = make_parser(
         "demo",
@@ -305,32 +317,33 @@ def main(argv: list[str]) -> int:
                               expected="pt=N,sft=N,dpo=N with N >= 1")
         steps[key] = int(value)
     work = Path(args.workdir).resolve()
-    if work.exists() and any(work.iterdir()):
-        if not args.overwrite:
-            raise ZhtuneError(f"work folder already exists: {work}", expected="a new folder",
-                              hint="pass --overwrite or choose --workdir")
-        import shutil
+    from zhtune.io import check_output_dir, output_lock, write_manifest
 
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    demo = Demo(work, steps)
-    print(f"zhtune demo — 工作目录 work folder: {work}", flush=True)
-    start = time.perf_counter()
-    for i, step in enumerate(STEPS, 1):
-        print(f"\n[{i}/{len(STEPS)}] {step.title}", flush=True)
-        t0 = time.perf_counter()
-        step.figure = step.run(demo)
-        step.seconds = time.perf_counter() - t0
-        print(f"  ✓ {step.figure}  ({step.seconds:.1f}s)", flush=True)
-    print("\n" + _summary(STEPS, time.perf_counter() - start))
+    with output_lock(work, where="--workdir"):
+        # --overwrite replaces only an earlier demo's folder: one holding anything else is refused by name
+        check_output_dir(work, args.overwrite, where="--workdir")
+        if work.exists():
+            import shutil
+
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        try:
+            elapsed = _run_steps(Demo(work, steps), work)
+        finally:  # the folder started empty: all it holds is the demo's, even after Ctrl-C
+            write_manifest(work)
+    print("\n" + _summary(STEPS, elapsed))
+
+    def q(path) -> str:  # paths with spaces still run as printed
+        return shlex.quote(str(path))
+
     print(f"""
 作品都在 {work}，接下来试试 / everything is in {work}; try next:
-  zhtune chat --model {work / 'merged'}                         # 终端对话 chat in the terminal
-  zhtune chat --model {work / 'gguf' / 'zhtune-demo.f16.gguf'}   # llama.cpp on CPU
-  zhtune webui --model {work / 'merged'}                        # 网页 browser chat
-  zhtune serve --model {work / 'merged'}                        # OpenAI API
-  zhtune rag qa --docs {tiny.asset('rag_docs')} --model {work / 'merged'} --question "星帆X3 的电池能用多久？"
-  zhtune vocab stats --tokenizer {work / 'base_tokenizer'} --tokenizer {work / 'tokenizer' / 'merged_tokenizer_hf'} --text {tiny.asset('zh_heldout.txt')}
-  zhtune train examples/tiny/sft.yaml model_name_or_path={work / 'merged_pt'}   # your own recipe""")
+  zhtune chat --model {q(work / 'merged')}   # 终端对话 chat in the terminal
+  zhtune chat --model {q(work / 'gguf' / 'zhtune-demo.f16.gguf')}   # llama.cpp on CPU
+  zhtune webui --model {q(work / 'merged')}   # 网页 browser chat
+  zhtune serve --model {q(work / 'merged')}   # OpenAI API
+  zhtune rag qa --docs {q(tiny.asset('rag_docs'))} --model {q(work / 'merged')} --question "星帆X3 的电池能用多久？"
+  zhtune vocab stats --tokenizer {q(work / 'base_tokenizer')} --tokenizer {q(work / 'tokenizer' / 'merged_tokenizer_hf')} --text {q(tiny.asset('zh_heldout.txt'))}
+  zhtune train examples/tiny/sft.yaml {q('model_name_or_path=' + str(work / 'merged_pt'))}   # your own recipe""")
     sys.stdout.flush()
     return 0

@@ -74,6 +74,17 @@ def _base_of_adapter(adapter: Path, flag: str) -> Path:
                       hint="pass the base as --model BASE and the adapter as --lora ADAPTER")
 
 
+def _check_readable(base: Path, loras: list[Path]) -> None:
+    """config.json and every adapter's config and weights can be read, before any loading: a bad config.json
+    is not blamed on the tokenizer, a truncated or pickled adapter is named (not a library traceback)."""
+    from zhtune.export.adapters import check_adapter
+    from zhtune.io import read_json
+
+    read_json(base / "config.json", "config.json", where=f"--model {base / 'config.json'}")
+    for lo in loras:
+        check_adapter(lo)
+
+
 def _has_tokenizer(p: Path) -> bool:
     return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
@@ -101,6 +112,7 @@ def resolve_model(model: str | Path, loras=(), template: str | None = None) -> M
         raise ZhtuneError(f"not a model: {model}", where="--model",
                           expected="a folder with config.json (HF model), an adapter folder "
                                    "(adapter_config.json) or a .gguf file")
+    _check_readable(base, lora_paths)
     tokenizer = next((lp for lp in reversed(lora_paths) if _has_tokenizer(lp)), base)
     found = match_chat_template(*tokenizer_chat_template(tokenizer)) if tokenizer.is_dir() else None
     return ModelSpec(base, lora_paths, *pick_template(template, [base, *lora_paths], found), tokenizer=tokenizer)

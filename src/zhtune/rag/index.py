@@ -189,9 +189,10 @@ def _manifest(docs: list[Document], emb: SentenceEmbeddings, chunk_size: int, ch
 
 def _read_manifest(index_dir: Path) -> dict | None:
     try:
-        return json.loads((index_dir / MANIFEST).read_text(encoding="utf-8"))
+        data = json.loads((index_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _why_rebuild(old: dict | None, new: dict) -> str:
@@ -274,7 +275,7 @@ def load_index(index_dir: Path, emb: SentenceEmbeddings) -> VectorIndex:
         lines = (index_dir / "chunks.jsonl").read_text(encoding="utf-8").splitlines()
         rows = [json.loads(line) for line in lines if line]
         chunks = [Document(page_content=r["text"], metadata=r["metadata"]) for r in rows]
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise ZhtuneError(f"index is damaged: {exc}", where=str(index_dir), hint="delete it and pass --docs") from None
     if index.ntotal == 0 or not chunks:
         raise ZhtuneError("the index is empty", where=str(index_dir), expected="an index with at least one chunk",

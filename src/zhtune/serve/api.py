@@ -587,8 +587,14 @@ def main(argv: list[str]) -> int:
     except ImportError:
         raise ZhtuneError("uvicorn is not installed", hint="pip install 'zhtune[serve]'") from None
     from zhtune.infer.options import engine_from_args
+    from zhtune.serve.runner import bind_port
 
-    engine = engine_from_args(args, concurrency=args.max_concurrency)
+    sock = bind_port(args.host, args.port)  # a busy port is named before the model loads, not after
+    try:
+        engine = engine_from_args(args, concurrency=args.max_concurrency)
+    except BaseException:
+        sock.close()
+        raise
     try:
         app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
                          max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
@@ -599,7 +605,9 @@ def main(argv: list[str]) -> int:
         if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
             print("警告 warning: listening beyond this machine without --api-key; anyone who can reach "
                   f"{args.host}:{args.port} can use the model")
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run(
+            sockets=[sock])
     finally:
+        sock.close()
         engine.close()
     return 0

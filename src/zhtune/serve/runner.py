@@ -11,10 +11,13 @@ sees the flag after its next delta and closes the engine's iterator (the engine'
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import AsyncIterator
 
+from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import Delta, Engine, GenParams, Prompt
 from zhtune.serve.protocol import APIError
 
@@ -126,3 +129,32 @@ class Runner:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, before the model loads: a busy port is "port N is in use" (exit 2) instead
+    of "serving" followed by uvicorn's Errno 98 once the model has loaded. The server listens on it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ZhtuneError(f"cannot resolve --host {host}: {exc.strerror}", where="--host",
+                          expected="an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart is not held by TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ZhtuneError(f"port {port} is in use on {host} / 端口 {port} 已被占用", where="--port",
+                              expected="a free port",
+                              hint=f"stop what listens there, or pass --port {port + 1}") from None
+        raise ZhtuneError(f"cannot listen on {host}:{port}: {exc.strerror}", where="--host / --port",
+                          expected="an address of this machine and a port you may use") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def check_port_free(host: str, port: int) -> None:
+    """bind_port, released at once: for servers that bind themselves (gradio); names a busy port early."""
+    bind_port(host, port).close()
