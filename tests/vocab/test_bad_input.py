@@ -77,9 +77,14 @@ def test_train_refuses_existing_output(tmp_path, capsys, zh_corpus):
     fails(capsys, tmp_path, "vocab", "train", "--corpus", zh_corpus, "--vocab-size", 4000, "--output", out,
           says=["already exists", "--overwrite"])
     assert (out / "keep.txt").read_text(encoding="utf-8") == "mine"
-    assert cli.main(["vocab", "train", "--corpus", str(zh_corpus), "--vocab-size", "4000", "--output", str(out),
-                     "--overwrite"]) == 0
-    assert (out / "zh_sp.model").is_file() and not (out / "keep.txt").exists()
+    # --overwrite replaces only an earlier zhtune output: the user's file is named, never deleted
+    fails(capsys, tmp_path, "vocab", "train", "--corpus", zh_corpus, "--vocab-size", 4000, "--output", out,
+          "--overwrite", says=["keep.txt", "no zhtune output wrote"])
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "mine"
+    (out / "keep.txt").unlink()
+    args = ["vocab", "train", "--corpus", str(zh_corpus), "--vocab-size", "4000", "--output", str(out)]
+    assert cli.main(args) == 0 and cli.main([*args, "--overwrite"]) == 0
+    assert (out / "zh_sp.model").is_file()
 
 
 # --- vocab merge ---------------------------------------------------------------------------------
