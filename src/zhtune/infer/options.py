@@ -45,11 +45,13 @@ _GEN_FLAGS = (  # (flag, GenParams field, type, help)
 )
 
 
-def add_model_args(p, model_group=None, context_help: str | None = None) -> None:
+def add_model_args(p, model_group=None, context_help: str | None = None, several: bool = False) -> None:
     """--model and the loading options. `model_group`: a mutually exclusive group that --model joins
-    (rag: --model or --api-base); without it --model is required."""
-    (model_group or p).add_argument("--model", required=model_group is None,
-                                    help="model folder, adapter folder (its base from run.yaml) or .gguf file")
+    (rag: --model or --api-base); without it --model is required. `several`: --model may be repeated
+    (eval compares models side by side; args.model is then a list)."""
+    (model_group or p).add_argument("--model", required=model_group is None, action="append" if several else "store",
+                                    help="model folder, adapter folder (its base from run.yaml) or .gguf file"
+                                         + (" (repeat to compare several)" if several else ""))
     p.add_argument("--lora", action="append", default=[], metavar="DIR",
                    help="LoRA adapter folder applied without merging (repeat for several; hf/vllm)")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: llamacpp for .gguf, else hf")
