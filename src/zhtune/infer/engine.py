@@ -19,7 +19,14 @@ Contract every backend keeps (front ends rely on it):
 - closing the iterator `stream` returned (generator.close(), or dropping it) cancels that generation;
 - the last Delta of a stream carries finish_reason "stop" (end token / stop string) or "length",
   and the prompt_tokens / completion_tokens counts;
-  stop strings are never part of the returned text; text never ends mid-character.
+  stop strings are never part of the returned text; text never ends mid-character;
+- a prompt may also be a list of token ids: used as is (no template, no BOS added), checked against
+  the vocabulary (a ZhtuneError naming "prompt" otherwise);
+- with GenParams.logprobs = k (not None) every sampled token, the end token included, reaches the
+  caller in some Delta's `logprobs` (in order): its log-probability under the model's raw
+  distribution (before sampling parameters) and the k most likely tokens;
+- `score` gives the log-probabilities a model assigns to given token sequences (prompt log-probs for
+  echo and bits per character; next-token log-probs for answer letters), computed in batches.
 """
 
 from __future__ import annotations
@@ -35,7 +42,15 @@ from typing import Iterator, Union
 from zhtune.data.templates import Message, Template
 from zhtune.errors import ZhtuneError
 
-Prompt = Union[str, list[Message]]  # raw text (used as is) or a conversation (rendered by the template)
+# raw text (used as is, BOS first), a conversation (rendered by the template) or token ids (used as is)
+Prompt = Union[str, list[Message], list[int]]
+MAX_TOP_LOGPROBS = 20   # alternatives per token a caller may ask for (vLLM's default cap)
+
+
+def is_token_ids(prompt) -> bool:
+    """A prompt given as token ids (a non-empty list of ints), not a conversation."""
+    return (isinstance(prompt, list) and bool(prompt)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))
 
 
 @dataclass
@@ -50,6 +65,7 @@ class GenParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None       # None: off; k: each sampled token's log-prob and the k most likely
 
     def validate(self) -> "GenParams":
         def num(x, kind=(int, float)):
@@ -72,6 +88,8 @@ class GenParams:
             ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple))
              and all(num(i, int) and i >= 0 for i in self.stop_token_ids), "a list of token ids >= 0"),
             ("seed", self.seed is None or (num(self.seed, int) and 0 <= self.seed < 2**63), "an integer >= 0"),
+            ("logprobs", self.logprobs is None or (num(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"an integer in 0..{MAX_TOP_LOGPROBS} (alternatives per token)"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -81,11 +99,27 @@ class GenParams:
 
 
 @dataclass
+class TokenLogprob:
+    """One token's natural-log probability under the model, with the most likely alternatives."""
+    id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)   # (id, logprob), most likely first
+
+
+@dataclass
+class Scored:
+    """Engine.score's answer for one token sequence ids."""
+    tokens: list[TokenLogprob | None]   # [i]: log P(ids[i] | ids[:i]) (None at 0); [] when prompt=False
+    next: dict[int, float]              # log P(t | ids) for the candidates and the top_k most likely t
+
+
+@dataclass
 class Delta:
     text: str
     finish_reason: str | None = None   # None while streaming; "stop" | "length" on the last delta
     prompt_tokens: int = 0             # set on the last delta (usage numbers for the API)
     completion_tokens: int = 0         # set on the last delta: tokens generated (incl. the end token)
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # sampled tokens since the last delta
 
 
 @dataclass
@@ -243,6 +277,41 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
 
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids of raw text as the backend's tokenizer gives them (BOS first when `bos`)."""
+        raise NotImplementedError
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """The bytes each token adds to the text, in order (special tokens: their literal text)."""
+        raise NotImplementedError
+
+    def check_ids(self, ids: list[int], where: str = "prompt") -> None:
+        """Token ids given by a caller are in the vocabulary (a ZhtuneError naming `where` otherwise)."""
+        vocab = getattr(self, "vocab_size", 0) or 0
+        for i, t in enumerate(ids):
+            if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab):
+                raise ZhtuneError(f"token id {t!r} at position {i} is not in the vocabulary ({vocab} tokens)",
+                                  where=where, expected=f"token ids in 0..{vocab - 1}")
+
+    def score(self, sequences: list[list[int]], prompt: bool = True, top_k: int = 0,
+              candidates: list[int] | tuple[int, ...] = ()) -> list[Scored]:
+        """The log-probabilities the model gives each token sequence, in batches the backend chooses.
+        prompt: every position's log P(ids[i] | ids[:i]) with the top_k alternatives (else only the
+        next token, which costs one position of logits); candidates: next-token ids whose log-probs
+        are wanted whatever their rank (answer letters). Sequences must fit the context."""
+        raise NotImplementedError
+
+    def check_score(self, sequences: list[list[int]], top_k: int, candidates) -> None:
+        """score's input checks every backend shares: ids in the vocabulary, lengths within the context."""
+        if not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_LOGPROBS:
+            raise ZhtuneError(f"top_k={top_k!r} is out of range", where="top_k", expected=f"0..{MAX_TOP_LOGPROBS}")
+        self.check_ids(list(candidates), where="candidates")
+        for n, ids in enumerate(sequences):
+            if not ids or len(ids) > self.max_model_len:
+                raise ZhtuneError(f"sequence {n} has {len(ids)} tokens", where="prompt",
+                                  expected=f"1..{self.max_model_len} tokens (the model's context)")
+            self.check_ids(ids)
+
     def check_request(self, params: GenParams) -> None:
         """What every backend checks before a generation: parameters, a live engine, stop ids in range."""
         params.validate()
@@ -310,8 +379,59 @@ class ModelSpec:
 
 def prompt_ids(engine: Engine, prompt: Prompt) -> list[int]:
     """Prompt ids exactly as training built them, with the engine's transformers tokenizer (hf and
-    vllm backends): a conversation segment by segment, raw text with BOS."""
+    vllm backends): a conversation segment by segment, raw text with BOS, token ids as given."""
+    if is_token_ids(prompt):
+        engine.check_ids(prompt)
+        return list(prompt)
     if isinstance(prompt, str):
         return engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
     return [i for ids in engine.tokenizer(engine.segments(prompt), add_special_tokens=False)["input_ids"]
             for i in ids]
+
+
+def hf_token_bytes(tokenizer) -> Callable[[list[int]], list[bytes]]:
+    """Engine.token_bytes for a transformers tokenizer (hf and vllm backends): each piece's bytes,
+    read from the vocabulary: SentencePiece pieces ("▁" is a space, "<0xE4>" a byte) or byte-level
+    BPE pieces (GPT-2's printable stand-ins for bytes)."""
+    import json
+
+    try:
+        decoder = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
+    except Exception:   # a slow tokenizer: no byte-level decoder to find
+        decoder = ""
+    byte_of = {}
+    if "ByteLevel" in decoder:   # the inverse of GPT-2's bytes_to_unicode
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        extra = [b for b in range(256) if b not in printable]
+        byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(extra)}
+    special = set(tokenizer.all_special_ids)
+
+    def piece_bytes(token_id: int, piece: str | None) -> bytes:
+        if piece is None:
+            return b""
+        if token_id in special:
+            return piece.encode("utf-8")
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        if byte_of and all(c in byte_of for c in piece):
+            return bytes(byte_of[c] for c in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def token_bytes(ids: list[int]) -> list[bytes]:
+        return [piece_bytes(i, p) for i, p in zip(ids, tokenizer.convert_ids_to_tokens(list(ids)))]
+
+    return token_bytes
+
+
+def top_logprobs(torch, logprobs, ids, k: int) -> list[TokenLogprob]:
+    """logprobs [n, vocab] (log-softmaxed rows), ids [n]: each id's log-prob and the k most likely."""
+    chosen = logprobs.gather(-1, ids[:, None])[:, 0].tolist()
+    if k:
+        values, indices = logprobs.topk(k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(ids.tolist(), chosen, tops)]

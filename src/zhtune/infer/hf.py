@@ -17,10 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import (Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, RequestStream,
-                                 StopFilter, fail_pending, prompt_ids, worker_loop)
+from zhtune.infer.engine import (Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, RequestStream, Scored,
+                                 StopFilter, TokenLogprob, fail_pending, hf_token_bytes, prompt_ids, top_logprobs,
+                                 worker_loop)
 
 HOLD_LIMIT = 6   # a UTF-8 character is at most 4 byte tokens: release text held longer than this
+# score(): padded tokens per forward (activations), and logits kept per forward when every position
+# is wanted ([tokens, vocab] floats: 2**27 of them is 512 MiB)
+SCORE_TOKENS = 8192
+SCORE_LOGITS = 2**27
+SCORE_ROWS = 64
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -179,6 +185,7 @@ class _Request:
     prefix: int = 0                  # window[:prefix] is context only
     read: int = 0                    # window[:read] has been emitted
     stop_filter: StopFilter | None = None
+    logprobs: list = field(default_factory=list)      # TokenLogprobs not yet sent (params.logprobs set)
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -220,6 +227,7 @@ class HFEngine(Engine):
         self._lock = threading.Lock()    # held by the worker per step and by embed()
         self._tok_lock = threading.Lock()  # the Rust tokenizer may not be entered from threads at once
         self._closed = False
+        self._token_bytes = None         # made on first use (reads the whole vocabulary)
         self.active = 0                  # rows in the running batch (for tests and /metrics)
         self._worker = threading.Thread(target=_worker_main, args=(weakref.ref(self), self._queue),
                                         name="zhtune-hf-decode", daemon=True)
@@ -241,6 +249,58 @@ class HFEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        with self._tok_lock:
+            return self.tokenizer(text, add_special_tokens=bos)["input_ids"]
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        if self._token_bytes is None:
+            self._token_bytes = hf_token_bytes(self.tokenizer)
+        with self._tok_lock:
+            return self._token_bytes(ids)
+
+    def score(self, sequences: list[list[int]], prompt: bool = True, top_k: int = 0,
+              candidates: list[int] | tuple[int, ...] = ()) -> list[Scored]:
+        """Left-padded batches, shortest first (little padding); a forward holds the model lock between
+        decode steps, as embed() does, so scoring and serving share the model."""
+        self.check_score(sequences, top_k, candidates)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        results: list[Scored | None] = [None] * len(sequences)
+        budget = SCORE_TOKENS if not prompt else max(1, min(SCORE_TOKENS, SCORE_LOGITS // self.vocab_size))
+        start = 0
+        while start < len(order):
+            end = start + 1   # sorted: the last row of a chunk is its widest
+            while (end < len(order) and end - start < SCORE_ROWS
+                   and (end + 1 - start) * len(sequences[order[end]]) <= budget):
+                end += 1
+            chunk = [sequences[i] for i in order[start:end]]
+            for i, scored in zip(order[start:end], self._score_batch(chunk, prompt, top_k, list(candidates))):
+                results[i] = scored
+            start = end
+        return results  # type: ignore[return-value]
+
+    def _score_batch(self, chunk: list[list[int]], prompt: bool, top_k: int, candidates: list[int]) -> list[Scored]:
+        torch = self._torch
+        width = max(len(ids) for ids in chunk)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in chunk], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=self.device)
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                use_cache=False, logits_to_keep=0 if prompt else 1).logits   # [B, W or 1, V]
+            out = []
+            for b, row in enumerate(chunk):
+                last = logits[b, -1].float().log_softmax(-1)                                     # [V]
+                nxt = {t: float(last[t]) for t in candidates}
+                if top_k:
+                    values, indices = last.topk(top_k)
+                    nxt.update(zip(indices.tolist(), values.tolist()))
+                tokens: list[TokenLogprob | None] = []
+                if prompt:
+                    lp = logits[b, width - len(row):-1].float().log_softmax(-1)                 # [len-1, V]
+                    tokens = [None, *top_logprobs(torch, lp, ids[b, width - len(row) + 1:], top_k)]
+                out.append(Scored(tokens, nxt))
+        return out
 
     def stream(self, prompt: Prompt, params: GenParams):
         self.check_request(params)
@@ -434,7 +494,13 @@ class _Batch:
         keep = []
         for i, r in enumerate(self.rows):
             if id(r) in where:
-                token = _sample(self.torch, r, logits[where[id(r)]])
+                row = logits[where[id(r)]]
+                # the raw distribution, before _sample applies penalties and temperature in place
+                lp = row.log_softmax(-1) if r.params.logprobs is not None else None
+                token = _sample(self.torch, r, row)
+                if lp is not None:
+                    r.logprobs += top_logprobs(self.torch, lp[None], lp.new_tensor([token]).long(),
+                                               r.params.logprobs)
                 if self._advance(r, token):
                     continue
             if not r.cancelled:
@@ -460,7 +526,8 @@ class _Batch:
             return self._finish(r, emit + r.stop_filter.feed(self._text(r, flush=True))[0], "length",
                                 filtered=True)
         if emit:
-            r.out.put(Delta(emit))
+            r.out.put(Delta(emit, logprobs=r.logprobs))
+            r.logprobs = []
         return False
 
     def _finish(self, r: _Request, text: str, reason: str, filtered: bool = False) -> bool:
@@ -470,7 +537,8 @@ class _Batch:
             hit = False
         if not hit:
             text += r.stop_filter.flush()
-        r.out.put(Delta(text, reason, len(r.ids), len(r.generated)))
+        r.out.put(Delta(text, reason, len(r.ids), len(r.generated), logprobs=r.logprobs))
+        r.logprobs = []
         return True
 
     def _text(self, r: _Request, flush: bool) -> str:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from zhtune.data.templates import TEMPLATES, Template
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import (Delta, Engine, GenParams, Prompt, PromptTooLong, RequestStream, StopFilter,
-                                 worker_loop)
+from zhtune.infer.engine import (Delta, Engine, GenParams, Prompt, PromptTooLong, RequestStream, Scored, StopFilter,
+                                 TokenLogprob, is_token_ids, worker_loop)
 
 ATTR_SPECIAL = (1 << 3) | (1 << 4)   # llama_token_attr CONTROL | USER_DEFINED
 KV_SPLIT_BYTES = 1 << 30               # per-sequence KV caches up to this size (see _open_context)
@@ -162,6 +162,9 @@ class LlamaCppEngine(Engine):
     # --- public API ------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
         """Prompt ids as training built them: template segment by segment (raw text gets BOS)."""
+        if is_token_ids(prompt):
+            self.check_ids(prompt)
+            return list(prompt)
         if isinstance(prompt, str):
             return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         return [i for seg in self.segments(prompt)
@@ -169,6 +172,26 @@ class LlamaCppEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True)
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        return [self.llm._model.detokenize([t], special=True) for t in ids]
+
+    def score(self, sequences: list[list[int]], prompt: bool = True, top_k: int = 0,
+              candidates: list[int] | tuple[int, ...] = ()) -> list[Scored]:
+        """Run by the decode worker between steps, one sequence at a time in a free slot (a sequence
+        sharing a prefix with what the slot holds only evaluates the rest when prompt=False)."""
+        self.check_score(sequences, top_k, candidates)
+        if self._closed:
+            raise ZhtuneError("engine is closed", expected="a live engine")
+        req = _ScoreReq([list(s) for s in sequences], prompt, top_k, list(candidates))
+        self._queue.put(req)
+        result = req.out.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def stream(self, prompt: Prompt, params: GenParams):
         self.check_request(params)
@@ -227,6 +250,17 @@ class _Req:
     sampler: object = None
     utf8: object = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     context: list[int] = field(default_factory=list)   # last tokens, so detokenize keeps leading spaces
+    logprobs: list = field(default_factory=list)      # TokenLogprobs not yet sent (params.logprobs set)
+
+
+@dataclass(eq=False)
+class _ScoreReq:
+    sequences: list[list[int]]
+    prompt: bool
+    top_k: int
+    candidates: list[int]
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
 
 
 @dataclass(eq=False)
@@ -277,7 +311,11 @@ class _Decoder:
                 if s.req is not None and s.req.cancelled:
                     self._release(s)
             while waiting and any(s.req is None for s in self.slots):
-                self._assign(waiting.pop(0))
+                r = waiting.pop(0)
+                if isinstance(r, _ScoreReq):   # runs now, in a free slot, between decode steps
+                    self._score(r)
+                else:
+                    self._assign(r)
             active = [s for s in self.slots if s.req is not None]
             self.e.active = len(active)
             if not active:
@@ -311,6 +349,63 @@ class _Decoder:
         r.pending = r.ids[keep:]
         r.context = r.ids[-8:]
         r.sampler = _sampler(r.params, self.e.vocab_size)
+
+    def _score(self, r: _ScoreReq) -> None:
+        try:
+            slot = next(s for s in self.slots if s.req is None)
+            r.out.put([self._score_one(slot, ids, r) for ids in r.sequences])
+        except BaseException as exc:
+            r.out.put(exc)
+
+    def _score_one(self, slot: _Slot, ids: list[int], r: _ScoreReq) -> Scored:
+        """Evaluate `ids` in `slot` (prefix kept when only the next token is wanted) and read the
+        log-probs from llama.cpp's logits rows."""
+        import llama_cpp
+
+        keep = 0
+        if not r.prompt:
+            for a, b in zip(slot.tokens, ids[:-1]):
+                if a != b:
+                    break
+                keep += 1
+        if not llama_cpp.llama_memory_seq_rm(self.e.ctx.memory, slot.seq, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self.e.ctx.memory, slot.seq, -1, -1)
+            keep = 0
+        slot.tokens = ids[:keep]
+        tokens: list[TokenLogprob | None] = [None]
+        nxt: dict[int, float] = {}
+        b = self.batch.batch
+        for start in range(keep, len(ids), self.e.n_batch):
+            chunk = ids[start:start + self.e.n_batch]
+            for i, token in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i] = token, start + i, 1
+                b.seq_id[i][0], b.logits[i] = slot.seq, r.prompt or start + i == len(ids) - 1
+            b.n_tokens = len(chunk)
+            rc = llama_cpp.llama_decode(self.e.ctx.ctx, b)
+            if rc != 0:
+                llama_cpp.llama_memory_seq_rm(self.e.ctx.memory, slot.seq, -1, -1)
+                slot.tokens = []
+                raise ZhtuneError(f"llama.cpp decode failed (code {rc}) while scoring",
+                                  hint="a shorter text, or a larger --context-length")
+            slot.tokens += chunk
+            last = start + len(chunk) == len(ids)
+            for i in range(len(chunk)) if r.prompt else ([len(chunk) - 1] if last else []):
+                lp = _log_softmax(self._logits(i))
+                if start + i + 1 < len(ids):     # this row predicts the next token of the sequence
+                    tokens.append(_token_logprob(lp, ids[start + i + 1], r.top_k))
+                else:                            # the row after the last token
+                    nxt = {t: float(lp[t]) for t in r.candidates}
+                    if r.top_k:
+                        nxt.update(_top(lp, r.top_k))
+        return Scored(tokens if r.prompt else [], nxt)
+
+    def _logits(self, index: int):
+        """The logits row of batch position `index` of the last decode, as a numpy view [n_vocab]."""
+        import llama_cpp
+        import numpy as np
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.e.ctx.ctx, index),
+                                     shape=(self.e.vocab_size,))
 
     def _step(self, active: list[_Slot]) -> None:
         import llama_cpp
@@ -348,7 +443,12 @@ class _Decoder:
                 self._release(s)
             return
         for s, idx in outputs:
-            self._advance(s, llama_cpp.llama_sampler_sample(s.req.sampler.sampler, self.e.ctx.ctx, idx))
+            k = s.req.params.logprobs
+            lp = _log_softmax(self._logits(idx)) if k is not None else None   # the raw distribution
+            token = llama_cpp.llama_sampler_sample(s.req.sampler.sampler, self.e.ctx.ctx, idx)
+            if lp is not None:
+                s.req.logprobs.append(_token_logprob(lp, token, k))
+            self._advance(s, token)
 
     def _advance(self, s: _Slot, token: int) -> None:
         r = s.req
@@ -363,7 +463,8 @@ class _Decoder:
         if r.n >= r.params.max_new_tokens or len(r.ids) + r.n >= self.e.max_model_len:
             return self._finish(s, emit, "length")
         if emit:
-            r.out.put(Delta(emit))
+            r.out.put(Delta(emit, logprobs=r.logprobs))
+            r.logprobs = []
         s.next = token
 
     def _finish(self, s: _Slot, text: str, reason: str, hit: bool = False) -> None:
@@ -372,13 +473,35 @@ class _Decoder:
             rest, hit = r.stops.feed(r.utf8.decode(b"", final=True))
             text += rest + ("" if hit else r.stops.flush())
             reason = "stop" if hit else reason
-        r.out.put(Delta(text, reason, len(r.ids), r.n))
+        r.out.put(Delta(text, reason, len(r.ids), r.n, logprobs=r.logprobs))
+        r.logprobs = []
         self._release(s)
 
     def _release(self, s: _Slot) -> None:
         if s.req is not None and s.req.sampler is not None:
             s.req.sampler.close()
         s.req, s.next = None, None
+
+
+def _log_softmax(row):
+    """A logits row (numpy) as natural-log probabilities (float64, so sums over a text stay exact)."""
+    import numpy as np
+
+    row = row.astype(np.float64)
+    top = row.max()
+    return row - (top + np.log(np.exp(row - top).sum()))
+
+
+def _top(lp, k: int) -> list[tuple[int, float]]:
+    import numpy as np
+
+    idx = np.argpartition(-lp, k - 1)[:k]
+    idx = idx[np.argsort(-lp[idx], kind="stable")]
+    return [(int(i), float(lp[i])) for i in idx]
+
+
+def _token_logprob(lp, token: int, k: int) -> TokenLogprob:
+    return TokenLogprob(int(token), float(lp[token]), _top(lp, k) if k else [])
 
 
 def _sampler(p: GenParams, n_vocab: int):

@@ -2,8 +2,11 @@
 through LoRA requests. Used through zhtune.infer.resolve.load_engine(path, backend="vllm"); on a machine without vLLM
 or a GPU it is a clear ZhtuneError.
 
-One worker thread owns the LLMEngine and calls step(); every stream has a queue. vLLM batches the
-requests itself (continuous batching, paged KV cache); closing a stream aborts its request.
+One worker thread owns the LLMEngine and calls step(); every request has a handler that receives its
+outputs (a stream's queue, or score's collector). vLLM batches the requests itself (continuous
+batching, paged KV cache, prefix caching); closing a stream aborts its request. Log-probs are vLLM's
+(raw, before sampling parameters); a candidate's next-token log-prob is the prompt log-prob of the
+sequence with the candidate appended (prefix caching makes that one extra token of work).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import queue
 import threading
 
 from zhtune.errors import ZhtuneError
-from zhtune.infer.engine import Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, prompt_ids
+from zhtune.infer.engine import (Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, Scored, TokenLogprob,
+                                 hf_token_bytes, prompt_ids)
 
 
 def _require_vllm():
@@ -71,6 +75,7 @@ class VllmEngine(Engine):
         self._new: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, queue.SimpleQueue] = {}
         self._closed = False
+        self._token_bytes = None
         self._worker = threading.Thread(target=self._loop, name="zhtune-vllm", daemon=True)
         self._worker.start()
 
@@ -80,6 +85,54 @@ class VllmEngine(Engine):
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=bos)["input_ids"]
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        if self._token_bytes is None:
+            self._token_bytes = hf_token_bytes(self.tokenizer)
+        return self._token_bytes(ids)
+
+    def score(self, sequences: list[list[int]], prompt: bool = True, top_k: int = 0,
+              candidates: list[int] | tuple[int, ...] = ()) -> list[Scored]:
+        from vllm import SamplingParams
+
+        self.check_score(sequences, top_k, candidates)
+        if self._closed:
+            raise ZhtuneError("engine is closed", expected="a live engine")
+        jobs = []   # (sequence index, candidate id or None, SamplingParams)
+        for n, ids in enumerate(sequences):
+            if prompt or top_k:
+                jobs.append((n, None, ids, SamplingParams(max_tokens=1, temperature=0, logprobs=top_k,
+                                                          prompt_logprobs=top_k if prompt else None)))
+            for c in candidates:
+                jobs.append((n, c, [*ids, c], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)))
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        for j, (_, _, ids, sampling) in enumerate(jobs):
+            def handler(o, j=j):
+                if isinstance(o, BaseException) or o.finished:
+                    done.put((j, o))
+            self._new.put((f"zhtune-score-{next(self._ids)}", ids, sampling, handler))
+        outputs = {}
+        while len(outputs) < len(jobs):
+            j, o = done.get()
+            if isinstance(o, BaseException):
+                raise o
+            outputs[j] = o
+        results = [Scored([], {}) for _ in sequences]
+        for j, (n, c, ids, _) in enumerate(jobs):
+            o = outputs[j]
+            if c is not None:
+                results[n].next[c] = o.prompt_logprobs[-1][c].logprob
+                continue
+            if prompt:
+                results[n].tokens = [None] + [_token_logprob(d, t, top_k)
+                                              for d, t in zip(o.prompt_logprobs[1:], ids[1:])]
+            if top_k:
+                first = o.outputs[0].logprobs[0]
+                results[n].next.update((t, lp.logprob) for t, lp in first.items() if lp.rank <= top_k)
+        return results
+
     def _sampling(self, p: GenParams):
         from vllm import SamplingParams
 
@@ -88,7 +141,7 @@ class VllmEngine(Engine):
             repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty, stop=[*p.stop, *self.text_stops] or None,
             stop_token_ids=[*p.stop_token_ids, *self.stop_ids] or None, seed=p.seed,
-            include_stop_str_in_output=False, skip_special_tokens=True)
+            include_stop_str_in_output=False, skip_special_tokens=True, logprobs=p.logprobs)
 
     def stream(self, prompt: Prompt, params: GenParams):
         params.validate()
@@ -101,23 +154,25 @@ class VllmEngine(Engine):
                               "max_new_tokens": min(params.max_new_tokens, self.max_model_len - len(ids))})
         rid = f"zhtune-{next(self._ids)}"
         out: queue.SimpleQueue = queue.SimpleQueue()
-        self._new.put((rid, ids, self._sampling(params), out))
+        self._new.put((rid, ids, self._sampling(params), _stream_handler(out, params.logprobs)))
         return self._drain(rid, out, len(ids))
 
     def _drain(self, rid: str, out: queue.SimpleQueue, n_prompt: int):
-        sent = ""
+        sent, logprobs = "", []
         try:
             while True:
                 item = out.get()
                 if isinstance(item, BaseException):
                     raise item
-                text, reason, n_gen = item
+                text, reason, n_gen, new_logprobs = item
+                logprobs += new_logprobs
                 if reason:
-                    yield Delta(text[len(sent):], "length" if reason == "length" else "stop", n_prompt, n_gen)
+                    yield Delta(text[len(sent):], "length" if reason == "length" else "stop", n_prompt, n_gen,
+                                logprobs=logprobs)
                     return
                 if not text.endswith("\ufffd") and len(text) > len(sent):   # a split character waits
-                    yield Delta(text[len(sent):])
-                    sent = text
+                    yield Delta(text[len(sent):], logprobs=logprobs)
+                    sent, logprobs = text, []
         finally:
             self._new.put(("abort", rid, None, None))
 
@@ -128,27 +183,26 @@ class VllmEngine(Engine):
                     item = self._new.get(block=not self.llm.has_unfinished_requests())
                     if item is None:
                         return
-                    rid, ids, sampling, out = item
+                    rid, ids, sampling, handler = item
                     if rid == "abort":
                         if self._streams.pop(ids, None) is not None:
                             self.llm.abort_request([ids])
                         continue
-                    self._streams[rid] = out
+                    self._streams[rid] = handler
                     self.llm.add_request(rid, {"prompt_token_ids": ids}, sampling, lora_request=self.lora)
             except queue.Empty:
                 pass
             try:
                 for o in self.llm.step():
-                    q = self._streams.get(o.request_id)
-                    if q is None:
+                    handler = self._streams.get(o.request_id)
+                    if handler is None:
                         continue
-                    c = o.outputs[0]
-                    q.put((c.text, c.finish_reason if o.finished else None, len(c.token_ids)))
+                    handler(o)
                     if o.finished:
                         self._streams.pop(o.request_id, None)
             except Exception as exc:
-                for q in self._streams.values():
-                    q.put(exc)
+                for handler in self._streams.values():
+                    handler(exc)
                 self._streams.clear()
 
     def embed(self, texts: list[str]) -> list[list[float]]:
@@ -159,3 +213,28 @@ class VllmEngine(Engine):
         if not self._closed:
             self._closed = True
             self._new.put(None)
+
+
+def _token_logprob(entries: dict, token: int, k: int) -> TokenLogprob:
+    """vLLM's {token id: Logprob} at one position as our TokenLogprob (the k best by rank)."""
+    top = sorted(((t, lp.logprob, lp.rank) for t, lp in entries.items() if lp.rank is not None and lp.rank <= k),
+                 key=lambda x: x[2])
+    return TokenLogprob(token, entries[token].logprob, [(t, v) for t, v, _ in top[:k]])
+
+
+def _stream_handler(out: queue.SimpleQueue, k: int | None):
+    """A stream's handler: (text so far, finish reason, tokens generated, new TokenLogprobs) per step."""
+    seen = [0]
+
+    def handle(o) -> None:
+        if isinstance(o, BaseException):
+            out.put(o)
+            return
+        c = o.outputs[0]
+        new = []
+        if k is not None and c.logprobs:
+            new = [_token_logprob(d, t, k) for d, t in zip(c.logprobs[seen[0]:], c.token_ids[seen[0]:])]
+            seen[0] = len(c.token_ids)
+        out.put((c.text, c.finish_reason if o.finished else None, len(c.token_ids), new))
+
+    return handle
