@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("zhtune.train.estimate:main", "估算训练显存 / estimate GPU memory of a training config"),
     "merge": ("zhtune.export.merge:main", "合并 LoRA 到基座 (低内存流式) / merge adapters into the base"),
     "export gguf": ("zhtune.export.gguf:main", "导出并量化为 GGUF / export a model to GGUF for llama.cpp"),
+    "eval": ("zhtune.eval.run:main", "评测 C-Eval / CMMLU / MMLU、每字符比特数、ROUGE/BLEU / evaluate a model"),
     "chat": ("zhtune.infer.chat:main", "终端对话 / chat in the terminal"),
     "webui": ("zhtune.serve.webui:main", "网页对话 (Gradio) / chat in the browser"),
     "serve": ("zhtune.serve.api:main", "OpenAI 兼容 API 服务 / OpenAI-compatible API server"),
