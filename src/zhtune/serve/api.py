@@ -32,9 +32,10 @@ try:
 except ImportError as exc:  # the serve extra is optional
     raise ZhtuneError(f"zhtune serve needs the serve extra ({exc.name} is missing)",
                       hint="pip install 'zhtune[serve]'") from None
-from zhtune.infer.engine import Delta, Engine, GenParams, PromptTooLong
+from zhtune.infer.engine import Delta, Engine, GenParams, PromptTooLong, is_token_ids
 from zhtune.serve.protocol import (ERROR_RESPONSES, MAX_CHOICES, MAX_EMBED_INPUTS, APIError, ChatRequest,
-                                   CompletionRequest, EmbeddingRequest, embedding_item, new_id, now, usage)
+                                   CompletionRequest, EmbeddingRequest, chat_logprobs, embedding_item, join_legacy,
+                                   legacy_logprobs, new_id, now, usage)
 from zhtune.serve.runner import Runner
 
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
@@ -168,9 +169,9 @@ def _refuse(param: str, feature: str) -> None:
 def _check_unsupported(req) -> None:
     if req.logit_bias:
         _refuse("logit_bias", "logit bias")
-    if req.logprobs not in (None, False, 0):
-        _refuse("logprobs", "log probabilities")
     if isinstance(req, ChatRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         if req.tools or req.functions or req.tool_choice not in (None, "none", "auto"):
             _refuse("tools", "tool / function calling")
         if req.response_format and req.response_format.get("type", "text") != "text":
@@ -219,6 +220,10 @@ def gen_params(req, max_tokens: int) -> GenParams:
         params.stop = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop) if s]
     if req.stop_token_ids:
         params.stop_token_ids = list(req.stop_token_ids)
+    if isinstance(req, ChatRequest) and req.logprobs:
+        params.logprobs = req.top_logprobs or 0
+    elif isinstance(req, CompletionRequest) and req.logprobs is not None:
+        params.logprobs = req.logprobs
     try:
         return params.validate()
     except ZhtuneError as exc:
@@ -265,7 +270,7 @@ class Server:
     async def count_tokens(self, prompts: list) -> list[int]:
         """Tokens of each prompt as the template renders it (a 400 if the template refuses it)."""
         def count() -> list[int]:
-            return [self.engine.count_tokens(self.engine.format(p)) for p in prompts]
+            return [len(p) if is_token_ids(p) else self.engine.count_tokens(self.engine.format(p)) for p in prompts]
 
         try:
             return await anyio.to_thread.run_sync(count, limiter=self.prep_limiter)
@@ -321,7 +326,8 @@ async def chat_completions(req: ChatRequest, request: Request):
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = gen_params(req, budget(prompt_tokens, requested, srv.context, "messages"))
     reply = Reply(chat=True, head={"id": new_id("chatcmpl"), "created": now(), "model": req.model},
-                  jobs=[(messages, seeded(params, i)) for i in range(req.n)], prompt_tokens=[prompt_tokens])
+                  jobs=[(messages, seeded(params, i)) for i in range(req.n)], prompt_tokens=[prompt_tokens],
+                  token_bytes=srv.engine.token_bytes)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _streaming(srv, request, reply, include_usage)
@@ -333,24 +339,75 @@ async def completions(req: CompletionRequest, request: Request):
     srv = _server(request)
     _check_model(req.model, srv.served)
     _check_unsupported(req)
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    single = isinstance(req.prompt, str) or is_token_ids(req.prompt)
+    prompts = [req.prompt] if single else list(req.prompt)
     if not prompts:
         raise APIError(400, "prompt is an empty list", param="prompt", code="invalid_value")
     if len(prompts) * req.n > MAX_CHOICES:
         raise APIError(400, f"{len(prompts)} prompts x n={req.n} is more than {MAX_CHOICES} completions in one "
                             "request", param="n", code="invalid_value")
+    _check_token_prompts(srv.engine, prompts, single)
     counts = await srv.count_tokens(prompts)
+    if req.echo and req.max_tokens == 0:   # OpenAI's way to only score a prompt: nothing is generated
+        if req.stream or req.logprobs is None:
+            raise APIError(400, "max_tokens 0 scores the prompt: it needs echo, logprobs and no stream",
+                           param="max_tokens", code="invalid_value")
+        return await _score_only(srv, req, prompts, counts)
     jobs = []
     for p, (prompt, count) in enumerate(zip(prompts, counts)):
-        param = "prompt" if isinstance(req.prompt, str) else f"prompt.{p}"
+        param = "prompt" if single else f"prompt.{p}"
         params = gen_params(req, budget(count, req.max_tokens, srv.context, param))
         jobs += [(prompt, seeded(params, i)) for i in range(req.n)]
+    echo = [_echo_text(srv.engine, p) for p in prompts for _ in range(req.n)] if req.echo else None
     reply = Reply(chat=False, head={"id": new_id("cmpl"), "created": now(), "model": req.model}, jobs=jobs,
-                  prompt_tokens=counts, echo=[p for p in prompts for _ in range(req.n)] if req.echo else None)
+                  prompt_tokens=counts, echo=echo, token_bytes=srv.engine.token_bytes)
+    if req.echo and req.logprobs is not None:
+        scored = await _prompt_logprobs(srv, prompts, req.logprobs)
+        reply.prompt_logprobs = [s for s in scored for _ in range(req.n)]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _streaming(srv, request, reply, include_usage)
     return await _complete(srv, request, reply)
+
+
+def _check_token_prompts(engine: Engine, prompts: list, single: bool) -> None:
+    """Token-id prompts: non-empty, every id in the vocabulary (a 400 naming prompt.N)."""
+    for p, prompt in enumerate(prompts):
+        param = "prompt" if single else f"prompt.{p}"
+        if isinstance(prompt, list) and not prompt:
+            raise APIError(400, f"{param} is an empty list of token ids", param=param, code="invalid_value")
+        if is_token_ids(prompt):
+            try:
+                engine.check_ids(prompt)
+            except ZhtuneError as exc:
+                raise APIError(400, f"{param}: {exc.what}", param=param, code="invalid_value") from None
+
+
+def _echo_text(engine: Engine, prompt) -> str:
+    """What echo puts first in a choice: the prompt's text (token ids: their text, joined)."""
+    if not is_token_ids(prompt):
+        return prompt
+    return b"".join(engine.token_bytes(prompt)).decode("utf-8", "replace")
+
+
+async def _prompt_logprobs(srv: Server, prompts: list, top_k: int) -> list[dict]:
+    """Each prompt's tokens with their log-probs (the first has none), in the legacy format."""
+    engine = srv.engine
+    ids = [list(p) if is_token_ids(p) else engine.encode(p, bos=True) for p in prompts]
+    scored = await srv.runner.call(lambda: engine.score(ids, prompt=True, top_k=top_k))
+    return [legacy_logprobs(i, s.tokens, engine.token_bytes) for i, s in zip(ids, scored)]
+
+
+async def _score_only(srv: Server, req: CompletionRequest, prompts: list, counts: list[int]) -> dict:
+    for p, count in enumerate(counts):
+        if srv.context and count > srv.context:
+            raise APIError(400, f"This model's maximum context length is {srv.context} tokens; prompt {p} has "
+                                f"{count}.", param="prompt", code="context_length_exceeded")
+    scored = await _prompt_logprobs(srv, prompts, req.logprobs)
+    choices = [{"index": i, "text": _echo_text(srv.engine, prompts[i // req.n]), "logprobs": scored[i // req.n],
+                "finish_reason": "length"} for i in range(len(prompts) * req.n)]
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model,
+            "choices": choices, "usage": usage(sum(counts) * req.n, 0)}
 
 
 @router.post("/v1/embeddings", responses=ERROR_RESPONSES)
@@ -387,13 +444,27 @@ class Reply:
     jobs: list
     prompt_tokens: list[int]
     echo: list[str] | None = None
+    token_bytes: object = None                 # Engine.token_bytes, for log-prob tokens' text
+    prompt_logprobs: list[dict] | None = None  # per job: the echoed prompt's tokens (legacy format)
 
-    def choice(self, i: int, text: str, finish: str | None, whole: bool) -> dict:
+    def choice(self, i: int, text: str, finish: str | None, whole: bool, logprobs: list | None = None,
+               offset: int = 0, with_prompt: bool = False) -> dict:
+        """Choice i; `logprobs`: the TokenLogprobs of its text (None: the request asked for none);
+        `offset`: where that text starts in the choice's text; with_prompt: the echoed prompt's first."""
         if self.chat:
             body = {"message": {"role": "assistant", "content": text}} if whole else \
                 {"delta": {"content": text} if text else {}}
-            return {"index": i, **body, "logprobs": None, "finish_reason": finish}
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            lp = chat_logprobs(logprobs, self.token_bytes) if logprobs is not None else None
+            return {"index": i, **body, "logprobs": lp, "finish_reason": finish}
+        lp = None
+        if logprobs is not None:
+            lp = legacy_logprobs([t.id for t in logprobs], logprobs, self.token_bytes, offset)
+        if with_prompt and self.prompt_logprobs:
+            lp = join_legacy(self.prompt_logprobs[i], lp or legacy_logprobs([], [], self.token_bytes))
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+
+    def wants_logprobs(self, i: int) -> bool:
+        return self.jobs[i][1].logprobs is not None
 
     def usage(self, finals: dict) -> dict:
         # the engine's own counts where it gave them (its last delta), ours otherwise
@@ -406,15 +477,20 @@ class Reply:
 async def _complete(srv: Server, request: Request, reply: Reply) -> dict:
     texts = list(reply.echo) if reply.echo else [""] * len(reply.jobs)
     finals: dict[int, Delta] = {}
+    logprobs: list[list] = [[] for _ in reply.jobs]
 
     async def consume() -> None:
         async for i, delta in srv.runner.stream(reply.jobs):
             texts[i] += delta.text
+            logprobs[i] += delta.logprobs
             if delta.finish_reason:
                 finals[i] = delta
 
     await _unless_disconnected(request, consume())
-    choices = [reply.choice(i, texts[i], finals[i].finish_reason if i in finals else "stop", whole=True)
+    start = [len(e) for e in reply.echo] if reply.echo else [0] * len(reply.jobs)
+    choices = [reply.choice(i, texts[i], finals[i].finish_reason if i in finals else "stop", whole=True,
+                            logprobs=logprobs[i] if reply.wants_logprobs(i) else None, offset=start[i],
+                            with_prompt=True)
                for i in range(len(reply.jobs))]
     kind = "chat.completion" if reply.chat else "text_completion"
     return {**reply.head, "object": kind, "choices": choices, "usage": reply.usage(finals)}
@@ -470,8 +546,9 @@ async def _sse(reply: Reply, events, first, include_usage: bool):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
             elif reply.echo:
-                yield chunk([reply.choice(i, reply.echo[i], None, whole=False)])
+                yield chunk([reply.choice(i, reply.echo[i], None, whole=False, with_prompt=True)])
         pending = [first] if first else []
+        offsets = [len(e) for e in reply.echo] if reply.echo else [0] * len(reply.jobs)
         while True:
             if pending:
                 i, delta = pending.pop()
@@ -482,8 +559,12 @@ async def _sse(reply: Reply, events, first, include_usage: bool):
                     break
             if delta.finish_reason:
                 finals[i] = delta
-            if delta.text or delta.finish_reason:
-                yield chunk([reply.choice(i, delta.text, delta.finish_reason, whole=False)])
+            if delta.text or delta.finish_reason or delta.logprobs:
+                lp = delta.logprobs if reply.wants_logprobs(i) else None
+                c = reply.choice(i, delta.text, delta.finish_reason, whole=False, logprobs=lp, offset=offsets[i])
+                if lp and not reply.chat:   # the next chunk's tokens start where these end
+                    offsets[i] += sum(len(t) for t in c["logprobs"]["tokens"])
+                yield chunk([c])
         if include_usage:
             yield chunk([], reply.usage(finals))
     except Exception as exc:  # the engine failed after the 200: say so in-band, then end the stream

@@ -11,9 +11,11 @@ import base64
 import struct
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from zhtune.infer.engine import MAX_TOP_LOGPROBS, TokenLogprob
 
 MAX_CHOICES = 64       # prompts x n in one request; more is a 400 (queue it as several requests)
 INT64 = 2**63 - 1
@@ -63,6 +65,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 # --- requests --------------------------------------------------------------------------------
+def _unicode(value: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"): Python keeps it, and every tokenizer and the UTF-8
+    encoder of the reply then fail. It is not text: refuse it here, where the field has a name."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone surrogate (U+{ord(value[exc.start]):04X} at character {exc.start}), "
+                         "which is not valid Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]   # every string a client sends
+
+
 class _Request(BaseModel):
     # unknown fields are ignored (OpenAI's clients send newer ones); known unsupported ones are a 400
     model_config = ConfigDict(extra="ignore")
@@ -70,13 +86,13 @@ class _Request(BaseModel):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]   # null content (tool calls) is not supported here
-    name: Optional[str] = None
+    content: Union[Text, list[TextPart]]   # null content (tool calls) is not supported here
+    name: Optional[Text] = None
 
 
 class StreamOptions(_Request):
@@ -86,7 +102,7 @@ class StreamOptions(_Request):
 class Sampling(_Request):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
-    model: str
+    model: Text
     max_tokens: Optional[int] = Field(None, description="tokens to generate; default: the rest of the context")
     temperature: Optional[float] = Field(None, description="0 = greedy; default 0.7")
     top_p: Optional[float] = None
@@ -94,41 +110,45 @@ class Sampling(_Request):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     seed: Optional[int] = Field(None, ge=-INT64 - 1, le=INT64)
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
     stop_token_ids: Optional[list[int]] = Field(None, max_length=64)
-    user: Optional[str] = None
+    user: Optional[Text] = None
     # accepted in the schema so the answer is a clear 400, not a silent ignore
     logit_bias: Optional[dict[str, float]] = None
-    logprobs: Union[bool, int, None] = None
 
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = None
-    top_logprobs: Optional[int] = None
+    logprobs: Optional[bool] = Field(None, description="return each generated token's log-probability")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                        description="with logprobs: the most likely alternatives per token")
     tools: Optional[list[Any]] = None
-    tool_choice: Union[str, dict, None] = None
+    tool_choice: Union[Text, dict, None] = None
     functions: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(Sampling):
-    prompt: Union[str, list[str]]
-    echo: bool = False
-    suffix: Optional[str] = None
+    # text, texts, token ids, or lists of token ids (what lm-evaluation-harness sends)
+    prompt: Union[Text, list[Text], list[int], list[list[int]]]
+    echo: bool = Field(False, description="the prompt first in each choice (with logprobs: its tokens' log-probs)")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                    description="per token: its log-prob and this many most likely alternatives")
+    suffix: Optional[Text] = None
     best_of: Optional[int] = None
 
 
 class EmbeddingRequest(_Request):
-    model: str
-    input: Union[str, list[str]]
+    model: Text
+    input: Union[Text, list[Text]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = None
-    user: Optional[str] = None
+    user: Optional[Text] = None
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -151,3 +171,38 @@ def embedding_item(index: int, vector: list[float], encoding: str) -> dict:
     else:
         data = vector
     return {"object": "embedding", "index": index, "embedding": data}
+
+
+def chat_logprobs(items: list[TokenLogprob], token_bytes) -> dict:
+    """OpenAI chat's choice.logprobs: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
+    raw = _bytes_of([i for t in items for i in (t.id, *(alt for alt, _ in t.top))], token_bytes)
+
+    def entry(token: int, logprob: float) -> dict:
+        return {"token": raw[token].decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw[token])}
+
+    return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in items],
+            "refusal": None}
+
+
+def legacy_logprobs(ids: list[int], items: list[TokenLogprob | None], token_bytes, offset: int = 0) -> dict:
+    """/v1/completions' choice.logprobs: tokens, token_logprobs, top_logprobs (token -> log-prob) and
+    text_offset (each token's first character in the concatenation of the tokens' text, from `offset`).
+    ids[i] is the token; items[i] its log-probs (None for a prompt's first token)."""
+    raw = _bytes_of([*ids, *(i for t in items if t for i, _ in t.top)], token_bytes)
+    tokens = [raw[i].decode("utf-8", "replace") for i in ids]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [t.logprob if t else None for t in items],
+            "top_logprobs": [{raw[i].decode("utf-8", "replace"): v for i, v in t.top} if t else None for t in items],
+            "text_offset": offsets}
+
+
+def join_legacy(a: dict | None, b: dict) -> dict:
+    return b if a is None else {k: a[k] + b[k] for k in b}
+
+
+def _bytes_of(ids: list[int], token_bytes) -> dict[int, bytes]:
+    unique = list(dict.fromkeys(ids))
+    return dict(zip(unique, token_bytes(unique)))
