@@ -140,3 +140,55 @@ def gguf_file(tmp_path_factory, tiny_model_dir):
 
     out = tmp_path_factory.mktemp("gguf") / "tiny.f16.gguf"
     return export_gguf(tiny_model_dir, out, quant="f16", modelfile=False, log=lambda *a: None)
+
+
+# --- byte-level BPE bases (LLaMA-3, GPT-2, Qwen2, SmolLM, Mistral-Nemo style), built on first use -----------------
+BYTELEVEL_FAMILIES = ("llama3", "gpt2", "qwen2", "smollm", "tekken")
+BL_ZH_VOCAB = 4000  # Chinese byte-level BPE trained on zh_corpus by `vocab train --base`
+
+
+def _cached(tmp_path_factory, build):
+    cache: dict = {}
+
+    def get(*key):
+        if key not in cache:
+            cache[key] = build(tmp_path_factory.mktemp("_".join(map(str, key))), *key)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bytelevel_base(tmp_path_factory):
+    """bytelevel_base(family) -> an English byte-level BPE tokenizer folder built like that family's (1000 tokens
+    plus its special tokens)."""
+    return _cached(tmp_path_factory, lambda root, family: tiny.train_bytelevel_base(
+        tiny.asset_lines("en_corpus.txt"), root / f"{family}_base", family))
+
+
+@pytest.fixture(scope="session")
+def bytelevel_zh(tmp_path_factory, bytelevel_base):
+    """bytelevel_zh(family) -> `zhtune vocab train --base BASE` on the Chinese corpus (tokenizer.json folder)."""
+    from zhtune import cli
+
+    def build(root, family):
+        out = root / "zh_vocab"
+        assert cli.main(["vocab", "train", "--corpus", str(tiny.asset("zh_corpus.txt")), "--vocab-size",
+                         str(BL_ZH_VOCAB), "--base", str(bytelevel_base(family)), "--output", str(out)]) == 0
+        return out
+
+    return _cached(tmp_path_factory, build)
+
+
+@pytest.fixture(scope="session")
+def bytelevel_merged(tmp_path_factory, bytelevel_base, bytelevel_zh):
+    """bytelevel_merged(family) -> `zhtune vocab merge --base BASE --add ZH` output folder."""
+    from zhtune import cli
+
+    def build(root, family):
+        out = root / "merged"
+        assert cli.main(["vocab", "merge", "--base", str(bytelevel_base(family)), "--add", str(bytelevel_zh(family)),
+                         "--output", str(out)]) == 0
+        return out
+
+    return _cached(tmp_path_factory, build)

@@ -30,23 +30,27 @@ def train_base_sp(lines: Iterable[str], output: str | Path, vocab_size: int = 10
     return atomic_write_bytes(output, buf.getvalue())
 
 
-# Byte-level BPE stand-ins for LLaMA-3, Qwen2.5/3, GPT-2 and SmolLM tokenizers: (special tokens, BOS, class).
+# Byte-level BPE stand-ins for LLaMA-3, Qwen2.5/3, GPT-2, SmolLM and Mistral-Nemo (tekken) tokenizers:
+# (special tokens, BOS, EOS, tokenizer_class). tekken numbers its specials first (ids 0..), the others after
+# the vocabulary, as the real ones do.
 BYTELEVEL_FAMILIES = {
     "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-               "<|begin_of_text|>", "PreTrainedTokenizerFast"),
-    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "Qwen2Tokenizer"),
-    "gpt2": (["<|endoftext|>"], None, "GPT2Tokenizer"),
-    "smollm": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "GPT2Tokenizer"),
+               "<|begin_of_text|>", "<|end_of_text|>", "PreTrainedTokenizerFast"),
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>", "Qwen2Tokenizer"),
+    "gpt2": (["<|endoftext|>"], None, "<|endoftext|>", "GPT2Tokenizer"),
+    "smollm": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>", "GPT2Tokenizer"),
+    "tekken": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", "PreTrainedTokenizerFast"),
 }
+IGNORE_MERGES = ("llama3", "tekken")  # tiktoken-built vocabularies: a whole word in the vocabulary wins
 
 
 def train_bytelevel_base(lines: Iterable[str], output: str | Path, family: str = "llama3", vocab_size: int = 1000,
                          chat_template: str | None = None) -> Path:
     """Train a byte-level BPE tokenizer the way `family` builds its own (pre-tokenizer, normaliser,
-    ignore_merges, special tokens after the vocabulary, BOS or not) and write an HF tokenizer folder.
+    ignore_merges, where the special tokens go, BOS or not) and write an HF tokenizer folder.
 
-    llama3: the LLaMA-3 regex split + ByteLevel without its regex, ignore_merges, every split of every
-    token as a merge (tiktoken's rule, as LLaMA-3's own tokenizer.json); qwen2: Qwen2's regex, NFC;
+    llama3 / tekken: their regex split + ByteLevel without its regex, ignore_merges, every split of every
+    token as a merge (tiktoken's rule, as their own tokenizer.json files); qwen2: Qwen2's regex, NFC;
     gpt2: GPT-2's ByteLevel regex; smollm: single digits, then GPT-2's ByteLevel.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -54,9 +58,9 @@ def train_bytelevel_base(lines: Iterable[str], output: str | Path, family: str =
     from zhtune.io import atomic_write_json, atomic_write_text
     from zhtune.vocab.bytelevel import PRE_TOKENIZER_REGEX, all_split_merges
 
-    specials, bos, cls = BYTELEVEL_FAMILIES[family]
-    tok = Tokenizer(models.BPE(ignore_merges=family == "llama3"))
-    if family in ("llama3", "qwen2"):
+    specials, bos, eos, cls = BYTELEVEL_FAMILIES[family]
+    tok = Tokenizer(models.BPE(ignore_merges=family in IGNORE_MERGES))
+    if family in PRE_TOKENIZER_REGEX:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[family]), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -68,14 +72,16 @@ def train_bytelevel_base(lines: Iterable[str], output: str | Path, family: str =
     if family == "qwen2":
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
+    first = specials if family == "tekken" else []
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False, special_tokens=[])
+                                  show_progress=False, special_tokens=first)
     tok.train_from_iterator(list(lines), trainer=trainer)
     data = json.loads(tok.to_str())
-    if family == "llama3":
-        data["model"]["merges"] = [list(p) for p in all_split_merges(data["model"]["vocab"])]
+    if family in IGNORE_MERGES:
+        vocab = data["model"]["vocab"]
+        data["model"]["merges"] = [list(p) for p in all_split_merges(vocab, [t for t in vocab if t not in first])]
     tok = Tokenizer.from_str(json.dumps(data))
-    tok.add_special_tokens(specials)
+    tok.add_special_tokens(specials)  # tekken's are there already (same ids); the others go after the vocabulary
     steps = [processors.ByteLevel(trim_offsets=False)]
     if bos:
         steps.append(processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
@@ -83,10 +89,11 @@ def train_bytelevel_base(lines: Iterable[str], output: str | Path, family: str =
     tok.post_processor = processors.Sequence(steps)
     out = Path(output)
     atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True) + "\n")
-    eos = "<|end_of_text|>" if family == "llama3" else "<|endoftext|>"
     config = {"tokenizer_class": cls, "bos_token": bos, "eos_token": eos, "pad_token": None,
               "add_bos_token": bos is not None, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
               "model_max_length": 131072, "errors": "replace"}
+    if family == "tekken":
+        config["unk_token"] = "<unk>"
     if chat_template:
         config["chat_template"] = chat_template
     atomic_write_json(out / "tokenizer_config.json", config)

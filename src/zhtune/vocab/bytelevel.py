@@ -29,6 +29,7 @@ PRE_TOKENIZER_REGEX = {
               r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 FAMILIES = ("llama3", "qwen2", "tekken", "gpt2", "smollm")
+KIND_EXAMPLES = {"WordPiece": "BERT-style", "Unigram": "T5 / ALBERT-style", "WordLevel": "word list"}
 
 
 @lru_cache(maxsize=1)
@@ -175,7 +176,8 @@ def tokenizer_kind(path: str | Path, flag: str = "--base") -> tuple[str, Path]:
                               "byte-level BPE tokenizers only", where=flag,
                               expected="a LLaMA/Mistral SentencePiece tokenizer or a byte-level BPE tokenizer.json "
                                        "(LLaMA-3, Qwen, SmolLM, Mistral-Nemo)",
-                              hint=f"a {kind} vocabulary (BERT-style or Unigram) cannot take BPE merges")
+                              hint=f"a {kind} vocabulary ({KIND_EXAMPLES[kind]}) has no BPE merges to append "
+                                   "Chinese merges to")
         if path.is_file():
             raise ZhtuneError(f"{json_file} is a {kind} tokenizer.json that is not byte-level", where=flag,
                               expected="a byte-level BPE tokenizer.json, or the SentencePiece tokenizer.model")
@@ -197,13 +199,14 @@ def read_bytelevel(path: str | Path, flag: str = "--base") -> ByteLevelBPE:
 
 def all_split_merges(vocab: dict[str, int], tokens: list[str] | None = None) -> list[tuple[str, str]]:
     """Every (left, right) whose halves are tokens and whose concatenation is a token, ranked by the joined
-    token's id (then the cut): the merges tiktoken applies implicitly (merge the pair whose join has the
-    lowest rank), written out for a fast BPE. `tokens`: only the merges producing these."""
+    token's id, then by the halves' ids: the merges tiktoken applies implicitly (merge the pair whose join
+    has the lowest rank), written out for a fast BPE in the order transformers' TikTokenConverter writes
+    them (LLaMA-3's and Mistral-Nemo's tokenizer.json). `tokens`: only the merges producing these."""
     out = []
     for token in sorted(tokens if tokens is not None else vocab, key=vocab.__getitem__):
-        for cut in range(1, len(token)):
-            if token[:cut] in vocab and token[cut:] in vocab:
-                out.append((token[:cut], token[cut:]))
+        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))
+                  if token[:cut] in vocab and token[cut:] in vocab]
+        out += sorted(splits, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
     return out
 
 
