@@ -112,10 +112,13 @@ def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 
     )
 
 
-# The architectures zhtune trains, merges and exports, as tiny random configs with each one's traits:
-# llama with LLaMA-3.1's rope scaling (scaled within a short prompt: original context 64) and a tied head
-# (LLaMA-3.2 / SmolLM); mistral; qwen2 with q/k/v biases; qwen3 with q/k norms, a head_dim of its own, tied.
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# The architectures zhtune trains, merges and exports, as tiny random configs with each one's traits, and the
+# byte-level tokenizer family each ships with: llama = LLaMA-3.1 (rope_type llama3, scaled within a short
+# prompt: original context 64); llama-tied = LLaMA-3.2 / SmolLM (the same, tied head); mistral =
+# Mistral-Nemo (tekken); qwen2 (q/k/v biases); qwen3 (q/k norms, a head_dim of its own, tied).
+ARCHITECTURES = {"llama": "llama3", "llama-tied": "smollm", "mistral": "tekken", "qwen2": "qwen2", "qwen3": "qwen2"}
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def tiny_config(arch: str, vocab_size: int, bos: int | None = None, eos: int | None = None, hidden_size: int = 64,
@@ -125,24 +128,23 @@ def tiny_config(arch: str, vocab_size: int, bos: int | None = None, eos: int | N
     from transformers import AutoConfig
 
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny architecture {arch!r}: {ARCHITECTURES}")
+        raise ValueError(f"unknown tiny architecture {arch!r}: {', '.join(ARCHITECTURES)}")
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   max_position_embeddings=max_position, bos_token_id=bos, eos_token_id=eos, pad_token_id=None,
                   rms_norm_eps=1e-6)
-    if arch == "llama":
-        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-        return AutoConfig.for_model("llama", **common, rope_parameters=rope, tie_word_embeddings=True)
+    if arch in ("llama", "llama-tied"):
+        return AutoConfig.for_model("llama", **common, rope_parameters=dict(_LLAMA3_ROPE),
+                                    tie_word_embeddings=arch == "llama-tied")
+    default_rope = {"rope_type": "default", "rope_theta": 1000000.0}
     if arch == "mistral":
         return AutoConfig.for_model("mistral", **common, sliding_window=None, tie_word_embeddings=False,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+                                    rope_parameters=default_rope)
     if arch == "qwen2":
         return AutoConfig.for_model("qwen2", **common, tie_word_embeddings=False, use_sliding_window=False,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+                                    rope_parameters=default_rope)
     return AutoConfig.for_model("qwen3", **common, head_dim=2 * hidden_size // num_heads, tie_word_embeddings=True,
-                                use_sliding_window=False,
-                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+                                use_sliding_window=False, rope_parameters=default_rope)
 
 
 def build_tiny_model(output: str | Path, vocab_size: int, seed: int = 0, tokenizer_dir: str | Path | None = None,
@@ -160,6 +162,8 @@ def build_tiny_model(output: str | Path, vocab_size: int, seed: int = 0, tokeniz
     if arch is None:
         model = LlamaForCausalLM(tiny_llama_config(vocab_size, **config_kwargs))
     else:
+        if tokenizer_dir is not None:  # the config names the tokenizer's BOS / EOS ids, as real ones do
+            config_kwargs = {**_special_ids(Path(tokenizer_dir)), **config_kwargs}
         model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **config_kwargs))
         with torch.no_grad():  # an exporter that drops or misplaces something must change the logits:
             for name, p in model.named_parameters():
@@ -177,22 +181,41 @@ def build_tiny_model(output: str | Path, vocab_size: int, seed: int = 0, tokeniz
     return output
 
 
+def _special_ids(tokenizer_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return {"bos": tok.bos_token_id, "eos": tok.eos_token_id}
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def build_tiny_base(output: str | Path, vocab_size: int = 1000, seed: int = 0) -> Path:
-    """A tiny English 'base model' folder (SentencePiece tokenizer + random Llama) for CPU experiments."""
+def build_tiny_base(output: str | Path, vocab_size: int = 1000, seed: int = 0, arch: str | None = None) -> Path:
+    """A tiny English 'base model' folder for CPU experiments: a SentencePiece tokenizer + random LLaMA-2-like
+    Llama (arch None), or one of ARCHITECTURES with its family's byte-level BPE tokenizer."""
     import tempfile
 
     from zhtune.vocab.hf import write_hf_tokenizer
 
     output = Path(output)
     with tempfile.TemporaryDirectory() as tmp:
-        sp = train_base_sp(asset_lines("en_corpus.txt"), Path(tmp) / "tokenizer.model", vocab_size=vocab_size)
-        tok = write_hf_tokenizer(sp, Path(tmp) / "tokenizer")
-        return build_tiny_model(output, vocab_size=vocab_size, seed=seed, tokenizer_dir=tok)
+        if arch is None:
+            sp = train_base_sp(asset_lines("en_corpus.txt"), Path(tmp) / "tokenizer.model", vocab_size=vocab_size)
+            tok = write_hf_tokenizer(sp, Path(tmp) / "tokenizer")
+            return build_tiny_model(output, vocab_size=vocab_size, seed=seed, tokenizer_dir=tok)
+        if arch not in ARCHITECTURES:
+            from zhtune.errors import ZhtuneError
+
+            raise ZhtuneError(f"unknown tiny architecture {arch!r}", where="--arch", expected=", ".join(ARCHITECTURES))
+        tok = train_bytelevel_base(asset_lines("en_corpus.txt"), Path(tmp) / "tokenizer", ARCHITECTURES[arch],
+                                   vocab_size=vocab_size)
+        from transformers import AutoTokenizer
+
+        rows = len(AutoTokenizer.from_pretrained(str(tok)))
+        return build_tiny_model(output, vocab_size=rows, seed=seed, tokenizer_dir=tok, arch=arch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,12 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser("tiny", """
         写一个极小的随机基座模型 (英文分词器 + 随机 Llama)，供 examples/tiny/*.yaml 在 CPU 上试跑。
         Write a tiny base model folder (an English tokenizer trained in-process + a random Llama) for
-        the CPU recipes in examples/tiny/.""", "python -m zhtune.tiny tiny/base")
+        the CPU recipes in examples/tiny/.""",
+        "python -m zhtune.tiny tiny/base\npython -m zhtune.tiny tiny/qwen2 --arch qwen2   # Qwen2 + its byte-level BPE")
     parser.prog = "python -m zhtune.tiny"
     parser.add_argument("output", nargs="?", default="tiny/base", help="new model folder")
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), default=None,
+                        help="another architecture with its byte-level BPE tokenizer (default: LLaMA-2-like "
+                             "Llama with a SentencePiece tokenizer)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     check_output_dir(args.output)
-    print(f"tiny base model (tokenizer + random Llama) -> {build_tiny_base(args.output)}")
+    what = f"{args.arch} + {ARCHITECTURES[args.arch]} byte-level BPE" if args.arch else "Llama + SentencePiece"
+    print(f"tiny base model ({what}) -> {build_tiny_base(args.output, arch=args.arch)}")
     return 0
 
 
