@@ -67,3 +67,58 @@ def test_bad_quantization_bit_and_missing_model(tmp_path):
     with pytest.raises(ZhtuneError) as exc:
         load_model(_cfg(""))
     assert exc.value.where == "model_name_or_path"
+
+
+def _edit_config(folder, **changes):
+    import json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(changes)
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path, tiny_model_dir, copy_of, capsys):
+    """train, estimate and export gguf refuse a model_type outside the supported list, naming both."""
+    from zhtune.cli import main
+
+    gpt2 = _edit_config(copy_of(tiny_model_dir), model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ZhtuneError) as exc:
+        load_model(_cfg(gpt2))
+    assert "'gpt2'" in str(exc.value) and "GPT2LMHeadModel" in str(exc.value)
+    assert "llama, mistral, qwen2, qwen3" in exc.value.expected and exc.value.where == "model_name_or_path"
+    for argv in (["estimate", f"model_name_or_path={gpt2}"],
+                 ["export", "gguf", "--model", str(gpt2), "--output", str(tmp_path / "x.gguf")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "'gpt2'" in err and "llama, mistral, qwen2, qwen3" in err and "Traceback" not in err
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"vocab_size": 1200}, "model.embed_tokens.weight is [1000, 64] in the weights but config.json implies [1200, 64]"),
+    ({"num_hidden_layers": 3}, "the weights have no model.layers.2"),
+    ({"num_hidden_layers": 1}, "the weights hold model.layers.1"),
+    ({"intermediate_size": 96}, "in the weights but config.json implies [96, 64]"),
+])
+def test_config_that_disagrees_with_the_weights_is_refused_by_name(change, says, tiny_model_dir, copy_of):
+    folder = _edit_config(copy_of(tiny_model_dir), **change)
+    with pytest.raises(ZhtuneError) as exc:
+        load_model(_cfg(folder))
+    assert says in str(exc.value) and exc.value.where.endswith("config.json")
+
+
+def test_untied_config_without_a_head_is_refused(tiny_model_dir, copy_of):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_of(tiny_model_dir)
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["lm_head.weight"]  # a tied checkpoint ...
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(ZhtuneError) as exc:  # ... under a config that says the head is its own
+        load_model(_cfg(folder))
+    assert "lm_head.weight" in str(exc.value) and "tie_word_embeddings" in exc.value.hint
+    _edit_config(folder, tie_word_embeddings=True)
+    model = load_model(_cfg(folder))  # the same weights with the config that describes them load, tied
+    assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -69,13 +69,11 @@ def tokenizer_of(model_dir: Path) -> tuple[str, Path]:
 
 def _check_model_dir(model_dir: Path) -> dict:
     """config.json of a model folder llama.cpp can run; refuses other architectures and rope types by name."""
-    from zhtune.model.load import check_weights_match_config
+    from zhtune.model.load import check_architecture, check_weights_match_config
 
     config = _read_config(model_dir)
     where = str(model_dir / "config.json")
-    if config.get("model_type") not in ARCHS:
-        raise ZhtuneError(f"model_type {config.get('model_type')!r} is not supported by the GGUF export", where=where,
-                          expected=f"one of: {', '.join(ARCHS)}")
+    check_architecture(config, where)  # ARCHS covers every supported model_type
     rope = _rope(config)
     if rope.get("rope_type", "default") not in ROPE_TYPES:
         raise ZhtuneError(f"rope_type {rope.get('rope_type')!r} is not supported by this exporter", where=where,

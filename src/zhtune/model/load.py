@@ -40,6 +40,23 @@ def check_model_path(path: str, key: str = "model_name_or_path") -> str:
     return path
 
 
+# The model_types every stage handles (train, merge, export gguf, chat/serve, estimate): LLaMA-1/2/3.x (rope
+# scaling, tied heads), Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms). One list, checked by check_architecture.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_architecture(config: dict, where: str) -> str:
+    """The config's model_type, or a ZhtuneError naming it (and its architectures) and the supported list."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        archs = ", ".join(config.get("architectures") or []) or "no architectures listed"
+        raise ZhtuneError(f"model_type {model_type!r} ({archs}) is not supported by zhtune", where=where,
+                          expected=f"model_type one of: {', '.join(SUPPORTED_MODEL_TYPES)}",
+                          hint="LLaMA-1/2/3.x, Mistral / Mistral-Nemo, Qwen2 / Qwen2.5, Qwen3 and models built "
+                               "on them (Chinese-LLaMA, SmolLM, ...) are supported")
+    return model_type
+
+
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} the model of `config` (a config.json dict) has, built on the meta device."""
     import torch
@@ -164,6 +181,9 @@ def load_model(cfg):
     from transformers import AutoModelForCausalLM
 
     path = check_model_path(cfg.model_name_or_path)
+    if Path(path).is_dir():  # a local folder: refuse other architectures and mismatched weights before loading
+        check_architecture(read_json(Path(path) / "config.json", "config.json"), "model_name_or_path")
+        check_weights_match_config(path, where="model_name_or_path")
     quant = quantization_config(cfg)
     kwargs: dict[str, Any] = {"dtype": model_dtype(cfg), "trust_remote_code": False}
     if quant is not None:

@@ -12,11 +12,13 @@ device, after ZeRO / offload have divided what they divide. Also estimates the p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from zhtune.errors import ZhtuneError
+from zhtune.model.load import check_architecture
 
 GIB = 1024 ** 3
 CUDA_CONTEXT = 0.5 * GIB       # CUDA context + cuBLAS/cuDNN workspaces, as nvidia-smi counts them
@@ -36,15 +38,17 @@ class Shape:
     kv_heads: int
     vocab: int
     tied: bool = False
+    head_dim: int | None = None  # Qwen3 and others: its own, not hidden / heads
 
     @property
     def kv_dim(self) -> int:
-        return self.kv_heads * (self.hidden // self.heads)
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of one decoder layer."""
         h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        q = self.heads * (self.head_dim or h // self.heads)
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     @property
@@ -94,16 +98,17 @@ def read_shape(model: str, vocab: int | None = None) -> Shape:
         try:
             c = json.loads(cfg_file.read_text(encoding="utf-8"))
             c = c.get("text_config", c)
+            check_architecture(c, str(cfg_file))
             shape = Shape(path.name, int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"]),
                           int(c["num_attention_heads"]), int(c.get("num_key_value_heads") or c["num_attention_heads"]),
-                          int(c["vocab_size"]), bool(c.get("tie_word_embeddings", False)))
+                          int(c["vocab_size"]), bool(c.get("tie_word_embeddings", False)),
+                          int(c["head_dim"]) if c.get("head_dim") else None)
         except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
             raise ZhtuneError(f"cannot read the model sizes from {cfg_file}: {exc}", where=str(cfg_file),
                               expected="a LLaMA-style config.json (hidden_size, intermediate_size, "
                                        "num_hidden_layers, num_attention_heads, vocab_size)") from None
     if vocab:
-        shape = Shape(shape.name, shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads,
-                      int(vocab), shape.tied)
+        shape = dataclasses.replace(shape, vocab=int(vocab))
     return shape
 
 
