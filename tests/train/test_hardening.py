@@ -135,3 +135,18 @@ def test_a_path_looking_dataset_is_never_a_hub_id(tmp_path, monkeypatch):
         with pytest.raises(ZhtuneError, match="dataset path not found"):
             resolve_entry(entry, "dataset")
     assert resolve_entry("someone/chinese-corpus", "dataset") == "someone/chinese-corpus"
+
+
+def test_estimate_names_malformed_json(tmp_path, capsys):
+    from zhtune.cli import main as cli
+
+    ds = tmp_path / "ds.json"
+    ds.write_text("[1, 2]")
+    assert cli(["estimate", "model_name_or_path=chinese-llama-2-7b", f"deepspeed={ds}"]) == 2
+    assert "DeepSpeed config holds a JSON list" in capsys.readouterr().err
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"model": {"vocab": ')
+    assert cli(["estimate", "model_name_or_path=chinese-llama-2-7b", f"tokenizer_name_or_path={tok}"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json is not valid JSON" in err and "Traceback" not in err

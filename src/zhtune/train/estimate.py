@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zhtune.errors import ZhtuneError
+from zhtune.io import read_json
 from zhtune.model.load import check_architecture
 
 GIB = 1024 ** 3
@@ -96,7 +97,7 @@ def read_shape(model: str, vocab: int | None = None) -> Shape:
                               hint="estimate without the weights: add model_name_or_path=<preset>, "
                                    "e.g. model_name_or_path=chinese-llama-2-7b")
         try:
-            c = json.loads(cfg_file.read_text(encoding="utf-8"))
+            c = read_json(cfg_file, "config.json")
             c = c.get("text_config", c)
             check_architecture(c, str(cfg_file))
             shape = Shape(path.name, int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"]),
@@ -118,7 +119,7 @@ def tokenizer_vocab(path: str | None) -> int | None:
         return None
     folder = Path(path).expanduser()
     if (folder / "tokenizer.json").is_file():
-        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        data = read_json(folder / "tokenizer.json")
         ids = set((data.get("model") or {}).get("vocab", {}).values())
         ids |= {t["id"] for t in data.get("added_tokens", [])}
         return len(ids) or None
@@ -164,10 +165,9 @@ def _zero_from_file(path: str) -> tuple[int, bool, bool]:
     if not file.is_file():
         raise ZhtuneError(f"DeepSpeed config not found: {path}", where="deepspeed",
                           expected="a JSON file such as examples/deepspeed/ds_zero2.json")
-    try:
-        zero = json.loads(file.read_text(encoding="utf-8")).get("zero_optimization", {}) or {}
-    except json.JSONDecodeError as exc:
-        raise ZhtuneError(f"invalid JSON: {exc.msg}", where=f"{file}:{exc.lineno}", expected="a DeepSpeed config") from None
+    zero = read_json(file, "DeepSpeed config").get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ZhtuneError("zero_optimization is not a mapping", where=str(file), expected='"zero_optimization": {...}')
 
     def offloaded(key: str) -> bool:
         return str((zero.get(key) or {}).get("device", "none")).lower() in ("cpu", "nvme")
@@ -181,7 +181,7 @@ def plan_from_config(cfg, num_gpus: int = 1, grew: bool = False) -> Plan:
     save, rank, wanted = cfg.modules_to_save, cfg.lora_rank, list(cfg.lora_target)
     adapter = Path(cfg.peft_path or "").expanduser() / "adapter_config.json"
     if cfg.peft_path and adapter.is_file():       # continuing an adapter: its own rank, targets, modules_to_save
-        known = json.loads(adapter.read_text(encoding="utf-8"))
+        known = read_json(adapter)
         rank, wanted = int(known.get("r", rank)), sorted(known.get("target_modules") or wanted)
         save = known.get("modules_to_save") or []
     targets = [t if t.endswith("_proj") else f"{t}_proj" for t in wanted] or Plan().lora_targets
