@@ -17,11 +17,21 @@ from zhtune.cli import main
 from zhtune.io import UNSAFE_PICKLE
 
 
-def test_truncated_adapter_is_named(tmp_path, tiny_model_dir, lora_dir, capsys):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_truncated_adapter_is_named(tmp_path, tiny_model_dir, lora_dir, capsys, command):
+    if command == "serve":
+        pytest.importorskip("uvicorn")
     bad = shutil.copytree(lora_dir, tmp_path / "cut")
     weights = bad / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
-    assert main(["chat", "--model", str(tiny_model_dir), "--lora", str(bad), "--single-turn"]) == 2
+    extra = ["--single-turn"] if command == "chat" else ["--port", str(_free_port())]
+    assert main([command, "--model", str(tiny_model_dir), "--lora", str(bad), *extra]) == 2
     err = capsys.readouterr().err
     assert "adapter_model.safetensors is truncated" in err and "does not fit" not in err and "Traceback" not in err
 
