@@ -175,3 +175,17 @@ def test_truncated_safetensors_and_code_pickles_are_named(tmp_path):
     with pytest.raises(ZhtuneError) as exc:
         load_state_dict(bad)
     assert UNSAFE_PICKLE in exc.value.what
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    """mkdtemp/mkstemp make 0700/0600: a merged model must not become unreadable to the rest of a team."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            atomic_write_text(tmp / "config.json", "{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "config.json").stat().st_mode & 0o777 == 0o644

@@ -38,6 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: the file gets the mode open() would give it
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
@@ -46,6 +47,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -190,7 +198,9 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, *, flag: 
             raise ZhtuneError(f"{flag} would delete files that no zhtune output wrote in {path}: "
                               f"{', '.join(foreign[:5])}{more}", where=where,
                               expected=f"a new folder, or one an earlier zhtune run wrote (listed in its {MANIFEST})",
-                              hint="move those files away or choose another output path")
+                              hint="move those files away or choose another output path"
+                              + ("" if (path / MANIFEST).is_file() else f" (this folder has no {MANIFEST}: "
+                                 "an output of an older zhtune, or not an output at all; delete it yourself)"))
     return path
 
 
@@ -207,6 +217,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, flag: st
         if not owned:
             check_output_dir(final, overwrite, flag=flag)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: others on a shared machine could not read the model
         try:
             yield tmp
             write_manifest(tmp)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from zhtune.errors import ZhtuneError
+from zhtune.io import current_umask, output_lock
 
 DIRECT = ("f32", "f16", "bf16")  # written by us; everything else by llama.cpp's quantizer
 QUANTS = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1",
@@ -352,8 +353,6 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, quant: str = "f1
         raise ZhtuneError(f"unknown quantisation {quant!r}", where="--quant", expected=", ".join(DIRECT + QUANTS))
     if out.suffix != ".gguf":
         raise ZhtuneError(f"output must end in .gguf: {out}", where="--output", expected="FILE.gguf")
-    from zhtune.io import output_lock
-
     with output_lock(out, log=log):  # a second export to the same file is refused by name; stale temps go
         _check_output_file(out, model_dir, overwrite, modelfile)
         return _export(model_dir, out, quant, verify, modelfile, log)
@@ -387,6 +386,7 @@ def _export(model_dir: Path, out: Path, quant: str, verify: bool, modelfile: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # not mkstemp's 0600: the file is for everyone who may read the folder
     os.close(fd)
     tmp = Path(tmp_name)
     try:
