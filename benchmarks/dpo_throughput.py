@@ -107,7 +107,8 @@ def main() -> None:
                                              args.batch))
                 last = results[kind][-1]
                 print(f"  repeat {r + 1} {kind}: {last['samples_s']:.2f} pairs/s, {last['tokens_s']:.0f} tokens/s; "
-                      f"per CPU-second {last['samples_cpu_s']:.2f} pairs, {last['tokens_cpu_s']:.0f} tokens", flush=True)
+                      f"per CPU-second {last['samples_cpu_s']:.2f} pairs, {last['tokens_cpu_s']:.0f} tokens",
+                      flush=True)
     metrics = ("samples_s", "tokens_s", "samples_cpu_s", "tokens_cpu_s")
     med = {k: {m: statistics.median(x[m] for x in v) for m in metrics} for k, v in results.items()}
     print(f"\nDPO throughput, hidden {args.hidden} x {args.layers} layers, batch {args.batch} pairs, "
@@ -118,7 +119,8 @@ def main() -> None:
     for kind in ("lora", "full"):
         m = med[kind]
         print(f"| {kind} | {results[kind][0]['trainable']:,} | {m['samples_s']:.2f} | {m['tokens_s']:.0f} | "
-              f"{m['samples_cpu_s']:.2f} | {m['tokens_cpu_s']:.0f} | {m['samples_s'] / med['full']['samples_s']:.2f}x | "
+              f"{m['samples_cpu_s']:.2f} | {m['tokens_cpu_s']:.0f} | "
+              f"{m['samples_s'] / med['full']['samples_s']:.2f}x | "
               f"{m['samples_cpu_s'] / med['full']['samples_cpu_s']:.2f}x |")
 
 

@@ -115,7 +115,8 @@ def zhtune_run(engine, text: str, prompt_len: int, tokens: int) -> dict:
         engine.clear_cache()        # no prefix-cache hit: measure the whole prefill, like the raw side
     timer = Timer()
     last = None
-    for last in engine.stream(text, params):
+    for delta in engine.stream(text, params):
+        last = delta
         timer.tick()
     return timer.result(prompt_len, last.completion_tokens)
 
@@ -201,7 +202,7 @@ def main() -> None:
     print(f"model {n_params / 1e6:.1f}M params, prompt {len(ids)} tokens, {args.tokens} new tokens, "
           f"{args.threads} threads, {args.repeats} repeats", flush=True)
     raw_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    rows += compare("hf fp32", lambda: raw_hf(raw_model, ids, args.tokens),
+    rows += compare("hf fp32", lambda m=raw_model: raw_hf(m, ids, args.tokens),
                     lambda: zhtune_run(hf, text, len(ids), args.tokens), args.repeats)
     conc = [("hf fp32", concurrency(hf, text, args.tokens, 1), concurrency(hf, text, args.tokens, args.streams))]
     hf.close()
@@ -221,8 +222,8 @@ def main() -> None:
                           n_parallel=args.parallel)
         cpp_ids = eng.tokenize_prompt(text)
         assert cpp_ids == ids, "llama.cpp and transformers tokenise the prompt differently"
-        rows += compare(f"llamacpp {quant}", lambda: raw_llama(raw, ids, args.tokens),
-                        lambda: zhtune_run(eng, text, len(ids), args.tokens), args.repeats)
+        rows += compare(f"llamacpp {quant}", lambda raw=raw: raw_llama(raw, ids, args.tokens),
+                        lambda eng=eng: zhtune_run(eng, text, len(ids), args.tokens), args.repeats)
         if quant == "q8_0":
             conc.append((f"llamacpp {quant}", concurrency(eng, text, args.tokens, 1),
                          concurrency(eng, text, args.tokens, args.streams)))

@@ -60,9 +60,9 @@ def build(root: Path, hidden: int, layers: int, inter: int, vocab: int, new_voca
     base.mkdir()
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
               "lm_head.weight": (vocab, hidden)}
-    lin = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden), "self_attn.v_proj": (hidden, hidden),
-           "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-           "mlp.down_proj": (hidden, inter)}
+    lin = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+           "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+           "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
     for i in range(layers):
         shapes.update({f"model.layers.{i}.{m}.weight": s for m, s in lin.items()})
         shapes.update({f"model.layers.{i}.input_layernorm.weight": (hidden,),
@@ -77,7 +77,8 @@ def build(root: Path, hidden: int, layers: int, inter: int, vocab: int, new_voca
     proto.ParseFromString(sp.read_bytes())
     for n, path in ((vocab, root / "sp1.model"), (new_vocab, root / "sp2.model")):
         while len(proto.pieces) < n:
-            proto.pieces.append(pb.ModelProto.SentencePiece(piece=f"▁w{len(proto.pieces)}", score=-1e4 - len(proto.pieces)))
+            k = len(proto.pieces)
+            proto.pieces.append(pb.ModelProto.SentencePiece(piece=f"▁w{k}", score=-1e4 - k))
         path.write_bytes(proto.SerializeToString())
     write_hf_tokenizer(root / "sp1.model", base)
     a1 = _adapter(root / "pt_lora_model", shapes, list(lin), layers, 8, new_vocab, hidden, root / "sp2.model", 1)

@@ -69,7 +69,8 @@ def evaluate(index, qs, mode: str) -> dict:
 
 def quality(emb, size: int, overlap: int) -> list[tuple]:
     sets = [("zh_corpus + sft_qa", [tiny.asset("zh_corpus.txt")], questions("sft_qa.jsonl", "instruction", "output")),
-            ("rag_docs + rag_questions", [tiny.asset("rag_docs")], questions("rag_questions.jsonl", "question", "answer"))]
+            ("rag_docs + rag_questions", [tiny.asset("rag_docs")],
+             questions("rag_questions.jsonl", "question", "answer"))]
     rows = []
     for name, paths, qs in sets:
         docs = load_documents(paths)

@@ -109,7 +109,7 @@ async def _served_level(url: str, texts: list[str], concurrency: int, tokens: in
 def start_server(model: str, backend: str, max_concurrency: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    log = tempfile.TemporaryFile("w+")   # a pipe nobody reads would block the server once full
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the server; a pipe nobody reads would block it
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

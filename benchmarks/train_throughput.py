@@ -65,7 +65,8 @@ def setup(work: Path, repeat: int, hidden: int, layers: int) -> dict:
     # keep what makes the folder load with sentencepiece's ids (see zhtune/vocab/hf.py)
     keep = json.loads((work / "tok" / "tokenizer_config.json").read_text())
     saved = json.loads((model_dir / "tokenizer_config.json").read_text())
-    saved.update({k: v for k, v in keep.items() if k in ("tokenizer_class", "add_bos_token", "add_eos_token", "legacy")})
+    wanted = ("tokenizer_class", "add_bos_token", "add_eos_token", "legacy")
+    saved.update({k: v for k, v in keep.items() if k in wanted})
     (model_dir / "tokenizer_config.json").write_text(json.dumps(saved))
     (model_dir / "tokenizer.model").write_bytes(sp.read_bytes())
     rows = [json.loads(x) for x in tiny.asset("sft_qa.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -376,7 +377,8 @@ def main() -> None:
     if not args.no_bf16:
         columns += [("plain bf16", True), ("zhtune bf16", True)]
     columns += lf_columns(args, env)
-    print(f"model: Llama {env['params'] / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}), "
+    print(f"model: Llama {env['params'] / 1e6:.1f}M params "
+          f"(hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}), "
           f"LoRA r=8 on all linears; batch {args.batch}, cutoff_len {args.cutoff}, {args.steps} steps; "
           f"torch threads {torch.get_num_threads()}; work dir {work}", flush=True)
     print("load average (1, 5, 15 min) at the start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
@@ -398,14 +400,16 @@ def main() -> None:
 def report(results: dict, peaks: dict, env: dict, args) -> None:
     peak = {dt: statistics.median(v) for dt, v in peaks.items()}
     base = statistics.median(r["label_tokens"] / r["seconds"] for r in results["plain fp32"])
-    print(f"\nmatmul 2048² (median): fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s")
+    print(f"\nmatmul 2048² (median): fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s")
     head = "| column | steps | tokens/step (non-pad) | label tokens/step | effective tok/s | vs plain fp32 | MFU |"
     print(head + "\n|" + " --- |" * 7)
     for name, runs in results.items():
         if not runs:
             continue
         rate = statistics.median(r["label_tokens"] / r["seconds"] for r in runs)
-        mfu = statistics.median(flops(r, env) / r["seconds"] for r in runs) / peak["bfloat16" if "bf16" in name else "float32"]
+        rate_peak = peak["bfloat16" if "bf16" in name else "float32"]
+        mfu = statistics.median(flops(r, env) / r["seconds"] for r in runs) / rate_peak
         r = runs[0]
         print(f"| {name} | {r['steps']} | {r['tokens'] / r['steps']:.0f} | {r['label_tokens'] / r['steps']:.0f} | "
               f"{rate:.1f} | {rate / base:.2f}× | {mfu * 100:.1f}% |")

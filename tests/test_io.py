@@ -12,10 +12,9 @@ from zhtune.io import atomic_output_dir, atomic_write_text, load_state_dict, rea
 
 def test_atomic_dir_removed_on_failure(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(out) as tmp:
-            (tmp / "half.txt").write_text("x")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_output_dir(out) as tmp:
+        (tmp / "half.txt").write_text("x")
+        raise RuntimeError("boom")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -24,9 +23,8 @@ def test_atomic_dir_refuses_existing(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").write_text("x")
-    with pytest.raises(ZhtuneError) as exc:
-        with atomic_output_dir(out):
-            pass
+    with pytest.raises(ZhtuneError) as exc, atomic_output_dir(out):
+        pass
     assert "--overwrite" in exc.value.hint
     with pytest.raises(ZhtuneError) as exc:  # "keep" is not a zhtune output's file: never deleted
         with atomic_output_dir(out, overwrite=True) as tmp:

@@ -51,7 +51,7 @@ def parse_size(value: str) -> int:
     text = value.strip().upper().replace(" ", "")
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
              "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
-    for unit, factor in units.items():
+    for unit, factor in units.items():  # noqa: B007 - factor is read after the break
         if text.endswith(unit):
             number = text[: -len(unit)]
             break

@@ -13,7 +13,7 @@ from zhtune.errors import Terminated, ZhtuneError
 
 # subcommand -> ("module:function", one-line help). Longest match wins ("vocab train" before "vocab").
 COMMANDS: dict[str, tuple[str, str]] = {
-    "vocab train": ("zhtune.vocab.train:main", "训练中文 SentencePiece 词表 / train a Chinese SentencePiece vocabulary"),
+    "vocab train": ("zhtune.vocab.train:main", "训练中文词表 / train a Chinese SentencePiece or byte-level vocabulary"),
     "vocab merge": ("zhtune.vocab.merge:main", "把中文词表并入 LLaMA 分词器 / merge pieces into a LLaMA tokenizer"),
     "vocab stats": ("zhtune.vocab.stats:main", "比较分词器的压缩率与一致性 / compare tokenizers on a text"),
     "convert meta": ("zhtune.export.meta:main", "Meta .pth 权重转 HF / convert Meta checkpoints to HF"),

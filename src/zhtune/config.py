@@ -92,9 +92,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
-            if type(None) in args:
-                return None
+        is_null = value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~"))
+        if is_null and type(None) in args:
+            return None
         for arg in args:
             if arg is type(None):
                 continue

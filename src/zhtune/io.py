@@ -350,7 +350,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         check_safetensors(path)
         try:
             return load_file(str(path))
-        except Exception as exc:  # SafetensorError and friends: a damaged file
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: a damaged file
             raise ZhtuneError(f"cannot read {path}: {exc}", where=str(path),
                               expected="a valid safetensors file") from None
     try:
@@ -364,6 +364,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         raise ZhtuneError(f"{UNSAFE_PICKLE}: {path}", where=str(path),
                           expected="tensors only: .safetensors (or a weights_only torch.save)",
                           hint="convert it to safetensors where you trust its origin") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - anything else torch.load raises on a damaged file
         raise ZhtuneError(f"cannot load {path} safely: {exc}", where=str(path),
                           expected="a tensor-only checkpoint (safetensors or weights_only torch.save)") from None

@@ -32,13 +32,15 @@ def test_alpaca_with_input_system_and_history(tmp_path):
 
 
 def test_sharegpt_llm_magic_and_messages_become_the_same_conversation(tmp_path):
-    want = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    want = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"}]
     rows = {
         "sharegpt": {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "q1"},
                                        {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"},
                                        {"from": "gpt", "value": "a2"}]},
-        "pairs": {"system": "S", "conversation": [{"human": "q1", "assistant": "a1"}, {"human": "q2", "assistant": "a2"}]},
+        "pairs": {"system": "S",
+                  "conversation": [{"human": "q1", "assistant": "a1"}, {"human": "q2", "assistant": "a2"}]},
         "lists": {"system": "S", "human": ["q1", "q2"], "assistant": ["a1", "a2"]},
         "messages": {"messages": want},
     }

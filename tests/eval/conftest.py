@@ -43,7 +43,8 @@ def write_benchmark(task: str, root: Path, n_dev: int = 5, n_eval: int = 4, seed
             with open(path, "w", encoding="utf-8", newline="") as f:
                 w = csv.writer(f)
                 if task == "ceval":
-                    w.writerow(["id", "question", "A", "B", "C", "D", "answer", *(["explanation"] if split == "dev" else [])])
+                    explanation = ["explanation"] if split == "dev" else []
+                    w.writerow(["id", "question", "A", "B", "C", "D", "answer", *explanation])
                     w.writerows([i, *r, *(["因为。"] if split == "dev" else [])] for i, r in enumerate(rows))
                 elif task == "cmmlu":
                     w.writerow(["", "Question", "A", "B", "C", "D", "Answer"])

@@ -29,7 +29,8 @@ def _append_pieces(base_sp: Path, lines: list[str], out: Path, n: int) -> Path:
     for line in lines:
         chars = [c for c in line if "\u4e00" <= c <= "\u9fff"]
         counts.update(chars)
-        counts.update(a + b for a, b in itertools.pairwise(line) if "\u4e00" <= a <= "\u9fff" and "\u4e00" <= b <= "\u9fff")
+        counts.update(a + b for a, b in itertools.pairwise(line)
+                      if "\u4e00" <= a <= "\u9fff" and "\u4e00" <= b <= "\u9fff")
     # characters first so every bigram's halves exist; bigrams merge later (lower scores)
     chars = [c for c, _ in counts.most_common() if len(c) == 1 and c not in have][: n // 2]
     pairs = [p for p, _ in counts.most_common() if len(p) == 2 and p not in have and all(c in chars for c in p)]
@@ -58,7 +59,7 @@ def _randomize(model, seed: int) -> None:
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 

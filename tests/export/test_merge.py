@@ -22,7 +22,8 @@ def test_merge_two_adapters_matches_peft(tmp_path, tiny_model_dir, pt_adapter, s
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
-    assert len(tok) == 1040 and (out / "tokenizer.model").read_bytes() == (big_tokenizer_dir / "tokenizer.model").read_bytes()
+    assert len(tok) == 1040
+    assert (out / "tokenizer.model").read_bytes() == (big_tokenizer_dir / "tokenizer.model").read_bytes()
     # the chat template is the training template's (sft run.yaml says alpaca)
     from zhtune.data.templates import get_template
 
@@ -66,7 +67,8 @@ def test_bin_sharded_base_and_half_precision(tmp_path, tiny_model_dir, pt_adapte
         fname = f"pytorch_model-0000{i + 1}-of-00002.bin"
         torch.save({n: state[n] for n in part}, base / fname)
         weight_map.update({n: fname for n in part})
-    (base / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (base / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     a = _tensors(M.merge(base, [pt_adapter, sft_adapter], tmp_path / "a", log=lambda *_: None))
     b = _tensors(M.merge(tiny_model_dir, [pt_adapter, sft_adapter], tmp_path / "b", log=lambda *_: None))
     assert all(torch.equal(a[n], b[n]) for n in b)
@@ -82,7 +84,8 @@ def test_pth_format_round_trips(tmp_path, tiny_model_dir, pt_adapter, sft_adapte
     pth = M.merge(tiny_model_dir, [pt_adapter, sft_adapter], tmp_path / "pth", fmt="pth", num_shards=2,
                   log=lambda *_: None)
     assert sorted(p.name for p in pth.iterdir()) == [".zhtune-output.json", "consolidated.00.pth",
-                                                     "consolidated.01.pth", "params.json", "run.yaml", "tokenizer.model"]
+                                                     "consolidated.01.pth", "params.json", "run.yaml",
+                                                     "tokenizer.model"]
     assert json.loads((pth / "params.json").read_text())["vocab_size"] == 1040
     back = _tensors(meta_to_hf(pth, tmp_path / "back"))
     want = _tensors(hf)
@@ -164,13 +167,15 @@ def test_refusals(tmp_path, tiny_model_dir, pt_adapter, sft_adapter, tokens_adap
     lora_only.rename(tmp_path / "lora_only")
     sd = load_file(str(tmp_path / "lora_only" / "adapter_model.safetensors"))
     save_file({k: v for k, v in sd.items() if "lora_" in k}, str(tmp_path / "lora_only" / "adapter_model.safetensors"))
-    _refused(tmp_path, tiny_model_dir, [tmp_path / "lora_only"], "tokenizer has 1040 tokens but the model has 1000 rows")
+    _refused(tmp_path, tiny_model_dir, [tmp_path / "lora_only"],
+             "tokenizer has 1040 tokens but the model has 1000 rows")
     # an adapter trained from another (peft_path) already contains it
     from zhtune.io import write_run_yaml
 
     chained = copy_of(tokens_adapter)
     chained.rename(tmp_path / "chained")
-    write_run_yaml(tmp_path / "chained", "sft", {"peft_path": str(pt_adapter), "model_name_or_path": str(tiny_model_dir)})
+    write_run_yaml(tmp_path / "chained", "sft",
+                   {"peft_path": str(pt_adapter), "model_name_or_path": str(tiny_model_dir)})
     _refused(tmp_path, tiny_model_dir, [pt_adapter, tmp_path / "chained"], "already contains it")
     # not an adapter folder
     _refused(tmp_path, tiny_model_dir, [tmp_path / "wide"], "no adapter_config.json")
@@ -212,7 +217,7 @@ def test_trainable_tokens_grow_the_vocabulary(tmp_path, tiny_model_dir, big_toke
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["v_proj"],
                                             trainable_token_indices={"embed_tokens": new, "lm_head": new}))
     with torch.no_grad():
-        for name, p in peft.named_parameters():
+        for p in peft.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     peft.save_pretrained(str(tmp_path / "tt"))

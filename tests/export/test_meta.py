@@ -105,10 +105,11 @@ def test_context_length_and_tied_embeddings(tmp_path, tiny_model_dir):
 
     from safetensors.torch import load_file, save_file
 
-    llama1 = meta.config_from_params({"dim": 64, "n_layers": 2, "n_heads": 4, "norm_eps": 1e-6, "multiple_of": 128}, 1000)
-    llama2 = meta.config_from_params({"dim": 64, "n_layers": 2, "n_heads": 4, "norm_eps": 1e-5, "multiple_of": 128}, 1000)
+    small = {"dim": 64, "n_layers": 2, "n_heads": 4}
+    llama1 = meta.config_from_params({**small, "norm_eps": 1e-6, "multiple_of": 128}, 1000)
+    llama2 = meta.config_from_params({**small, "norm_eps": 1e-5, "multiple_of": 128}, 1000)
     assert (llama1["max_position_embeddings"], llama2["max_position_embeddings"]) == (2048, 4096)
-    assert meta.config_from_params({"dim": 64, "n_layers": 2, "n_heads": 4}, 1000, 8192)["max_position_embeddings"] == 8192
+    assert meta.config_from_params(small, 1000, 8192)["max_position_embeddings"] == 8192
     tied = tmp_path / "tied"
     shutil.copytree(tiny_model_dir, tied)
     sd = load_file(str(tied / "model.safetensors"))

@@ -92,11 +92,12 @@ class Tmux:
         self.name = f"zhtune-chat-{uuid.uuid4().hex[:8]}"
         cmd = " ".join(f"'{c}'" for c in command) + "; echo EXITED $?; sleep 30"
         # a tmux server of its own (-L): concurrent test runs never share one server or its environment
-        subprocess.run(["tmux", "-L", self.name, "-u", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "50", cmd],
-                       check=True, env=ENV)
+        subprocess.run(["tmux", "-L", self.name, "-u", "new-session", "-d", "-s", self.name,
+                        "-x", "160", "-y", "50", cmd], check=True, env=ENV)
 
     def keys(self, *keys: str, literal: bool = False) -> None:
-        subprocess.run(["tmux", "-L", self.name, "send-keys", "-t", self.name, *(["-l"] if literal else []), *keys], check=True)
+        flags = ["-l"] if literal else []
+        subprocess.run(["tmux", "-L", self.name, "send-keys", "-t", self.name, *flags, *keys], check=True)
 
     def screen(self) -> str:
         return subprocess.run(["tmux", "-L", self.name, "capture-pane", "-p", "-J", "-S", "-2000", "-t", self.name],

@@ -69,7 +69,8 @@ def test_out_of_range_sampling_flag_is_named():
     assert exc.value.where == "--top-p"
 
 
-@pytest.mark.parametrize("argv, flag", [(["--threads", "0"], "--threads"), (["--threads-batch", "x"], "--threads-batch"),
+@pytest.mark.parametrize("argv, flag", [(["--threads", "0"], "--threads"),
+                                        (["--threads-batch", "x"], "--threads-batch"),
                                         (["--context-length", "-1"], "--context-length"),
                                         (["--num-gpus", "0"], "--num-gpus")])
 def test_out_of_range_model_flag_is_named(argv, flag):

@@ -53,7 +53,8 @@ def test_qa_stuff_cites_sources(asset_index, tiny_model_dir, capsys):
         assert s["chunk"] >= 1 and s["line"] >= 1 and s["text"]
         assert s["text"] in Path(s["source"]).read_text(encoding="utf-8")  # cited text is real document text
     # the top bm25 chunk of this question holds the answer; hybrid keeps it in the top 4
-    assert any("1583" in s["text"] or "万历" in s["text"] for s in result["sources"]) or result["sources"][0]["truncated"]
+    sources = result["sources"]
+    assert any("1583" in s["text"] or "万历" in s["text"] for s in sources) or sources[0]["truncated"]
 
 
 def test_qa_text_output_lists_sources(asset_index, tiny_model_dir, capsys):

@@ -50,9 +50,9 @@ def test_openai_errors_are_typed(oai, api_key_url, api_key):
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model="tiny", messages=MESSAGES, temperature=7)
     assert err.value.param == "temperature"
-    with openai.OpenAI(base_url=f"{api_key_url}/v1", api_key="wrong", max_retries=0) as bad:
-        with pytest.raises(openai.AuthenticationError):
-            bad.models.list()
+    with (openai.OpenAI(base_url=f"{api_key_url}/v1", api_key="wrong", max_retries=0) as bad,
+          pytest.raises(openai.AuthenticationError)):
+        bad.models.list()
     with openai.OpenAI(base_url=f"{api_key_url}/v1", api_key=api_key, max_retries=0) as good:
         assert good.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
 

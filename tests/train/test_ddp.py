@@ -30,7 +30,7 @@ def test_one_machine_uses_a_standalone_rendezvous():
 def test_several_machines_come_from_the_environment():
     env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}
     cmd = torchrun_command(8, ["cfg.yaml"], env=env)
-    assert ["--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29501"] == cmd[4:8]
+    assert cmd[4:8] == ["--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29501"]
     with pytest.raises(ZhtuneError, match="MASTER_ADDR") as err:
         torchrun_command(8, [], env={"NNODES": "2"})
     assert "MASTER_ADDR" in err.value.where

@@ -131,7 +131,8 @@ def test_dpo_continues_an_sft_adapter_whose_model_is_the_reference(tiny_model_di
     sft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     sft.save_pretrained(str(tmp_path / "sft_lora_model"))
-    trainer, _ = _trainer(args(tiny_model_dir, pref_files[0], tmp_path / "o", f"peft_path={tmp_path / 'sft_lora_model'}"))
+    peft_path = f"peft_path={tmp_path / 'sft_lora_model'}"
+    trainer, _ = _trainer(args(tiny_model_dir, pref_files[0], tmp_path / "o", peft_path))
     assert trainer.ref_model is None and "ref" in trainer.model.peft_config
     sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
                                           str(tmp_path / "sft_lora_model"))

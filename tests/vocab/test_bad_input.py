@@ -106,7 +106,8 @@ def test_merge_base_with_only_tokenizer_json(tmp_path, capsys, zh_sp_model, base
     folder.mkdir()
     (folder / "tokenizer.json").write_bytes((base_tokenizer_dir / "tokenizer.json").read_bytes())
     fails(capsys, tmp_path, "vocab", "merge", "--base", folder, "--add", zh_sp_model,
-          "--output", tmp_path / "out", says=["tokenizer.json but no tokenizer.model", "--base", "copy tokenizer.model"])
+          "--output", tmp_path / "out",
+          says=["tokenizer.json but no tokenizer.model", "--base", "copy tokenizer.model"])
 
 
 def test_merge_add_not_sentencepiece(tmp_path, capsys, base_tokenizer_dir):

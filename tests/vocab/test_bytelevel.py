@@ -160,8 +160,8 @@ def test_chars_mode_and_multiple_adds(tmp_path, cli_run, bytelevel_base, bytelev
     assert tok.encode("一丁七", add_special_tokens=False).tokens == ["ä¸Ģ", "ä¸ģ", "ä¸ĥ"]
     assert ids(tok, english_and_code) == ids(raw(base), english_and_code)
     two = tmp_path / "two"
-    assert cli_run("vocab", "merge", "--base", base, "--add", bytelevel_zh("qwen2"), "--add", out / HF / "tokenizer.json",
-                   "--output", two) == 0
+    assert cli_run("vocab", "merge", "--base", base, "--add", bytelevel_zh("qwen2"),
+                   "--add", out / HF / "tokenizer.json", "--output", two) == 0
     report = json.loads((two / "merge_report.json").read_text(encoding="utf-8"))
     assert len(report["added_from"]) == 2 and report["non_chinese_unchanged"] == report["non_chinese_lines"]
 
@@ -240,8 +240,9 @@ def test_add_outside_the_base_alphabet_or_normalisation_is_refused(tmp_path, cap
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(zh_heldout.read_text(encoding="utf-8").splitlines()),
-                                   model_writer=buf, vocab_size=1500, model_type="bpe", minloglevel=2, byte_fallback=True,
-                                   normalization_rule_name="nmt_nfkc_cf", character_coverage=0.98)
+                                   model_writer=buf, vocab_size=1500, model_type="bpe", minloglevel=2,
+                                   byte_fallback=True, normalization_rule_name="nmt_nfkc_cf",
+                                   character_coverage=0.98)
     folded = tmp_path / "folded.model"
     folded.write_bytes(buf.getvalue())
     refused(capsys, tmp_path, "vocab", "merge", "--base", llama3, "--add", folded, "--output", tmp_path / "out",

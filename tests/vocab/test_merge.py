@@ -83,7 +83,7 @@ def test_preserve_pieces_and_scores(merged_preserve, base_tokenizer_dir, zh_sp_m
     for old, new in zip(base.pieces, merged.pieces[:n]):
         assert (old.piece, old.score, old.type) == (new.piece, new.score, new.type)
     added = merged.pieces[n:]
-    assert all(any(0x2E80 <= ord(c) for c in p.piece) for p in added), "only pieces with CJK characters"
+    assert all(any(ord(c) >= 0x2E80 for c in p.piece) for p in added), "only pieces with CJK characters"
     scores = [p.score for p in added]
     assert max(scores) < min(p.score for p in base.pieces), "every base merge stays first"
     assert all(a > b for a, b in zip(scores, scores[1:])), "distinct, in the added model's order"

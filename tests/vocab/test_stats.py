@@ -49,7 +49,7 @@ def test_stats_on_a_bare_sentencepiece_folder(tmp_path, capsys, cli_run, zh_sp_d
 
 def test_stats_accepts_a_merge_output_folder(tmp_path, cli_run, merged_preserve, zh_heldout):
     out = tmp_path / "s.json"
-    assert cli_run("vocab", "stats", "--tokenizer", merged_preserve, "--tokenizer", merged_preserve / "merged_tokenizer_hf",
-                   "--text", zh_heldout, "--json", out) == 0
+    assert cli_run("vocab", "stats", "--tokenizer", merged_preserve,
+                   "--tokenizer", merged_preserve / "merged_tokenizer_hf", "--text", zh_heldout, "--json", out) == 0
     rows = json.loads(out.read_text(encoding="utf-8"))["tokenizers"]
     assert rows[0]["path"] == rows[1]["path"] and rows[0]["tokens"] == rows[1]["tokens"]

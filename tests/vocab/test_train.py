@@ -22,7 +22,8 @@ def test_outputs_and_chinese_defaults(zh_sp_dir, zh_heldout):
     vocab_lines = (zh_sp_dir / "zh_sp.vocab").read_text(encoding="utf-8").splitlines()
     assert len(vocab_lines) == 4000 and vocab_lines[1].startswith("<s>\t")
     sp = spm.SentencePieceProcessor(model_file=str(zh_sp_dir / "zh_sp.model"))
-    for line in zh_heldout.read_text(encoding="utf-8").splitlines() + ["全角ＡＢＣ１２３！？", "数字 20240101", "  两个空格"]:
+    extra = ["全角ＡＢＣ１２３！？", "数字 20240101", "  两个空格"]
+    for line in zh_heldout.read_text(encoding="utf-8").splitlines() + extra:
         assert sp.decode(sp.encode(line)) == line
     assert sp.encode("2024", out_type=str)[-4:] == ["2", "0", "2", "4"], "digits split"
     run = yaml.safe_load((zh_sp_dir / "run.yaml").read_text(encoding="utf-8"))

@@ -51,7 +51,8 @@ def _answer(rec: Record, key: str) -> str:
                               expected=f"{key}: the assistant's answer (a string or an assistant message)")
     if value is None:
         raise ZhtuneError(f"record has no {key!r} field (keys: {sorted(rec.data)})", where=rec.source,
-                          expected="prompt, chosen and rejected", hint="map your field names with columns={ours: yours}")
+                          expected="prompt, chosen and rejected",
+                          hint="map your field names with columns={ours: yours}")
     if not isinstance(value, str):
         raise ZhtuneError(f"field {key!r} is a {type(value).__name__}", where=rec.source,
                           expected=f"{key}: a string, or one assistant message {{role, content}}")

@@ -135,7 +135,7 @@ def _iter_json(path: Path) -> Iterator[Record]:
     text = _decode(path.read_bytes(), path, 1)
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
-    if not text[pos:pos + 1] == "[":
+    if text[pos:pos + 1] != "[":
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -171,7 +171,7 @@ def _iter_hub(name: str, where: str) -> Iterator[Record]:
 
     try:
         ds = datasets.load_dataset(name, split="train")
-    except Exception as exc:  # offline, private, misspelt: all the user's to fix
+    except Exception as exc:  # noqa: BLE001 - offline, private, misspelt: all the user's to fix
         raise ZhtuneError(f"dataset {name!r} is not a local path and could not be loaded from the Hub: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", where=where,
                           expected="an existing file or folder, or a Hub dataset name (needs network)") from None

@@ -274,7 +274,8 @@ def tokenizer_chat_template(folder) -> tuple[str | None, str, str]:
     chat = cfg.get("chat_template")
     if (folder / "chat_template.jinja").is_file():
         chat = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return (chat if isinstance(chat, str) else None), text(cfg.get("bos_token"), "<s>"), text(cfg.get("eos_token"), "</s>")
+    bos, eos = text(cfg.get("bos_token"), "<s>"), text(cfg.get("eos_token"), "</s>")
+    return (chat if isinstance(chat, str) else None), bos, eos
 
 
 def template_for_model(folder, name: str | None = None) -> tuple[Template, str]:

@@ -108,7 +108,8 @@ def find_subjects(task: str, data: Path, split: str, wanted: list[str] | None) -
     present = [s for s in (wanted or known) if (data / layout.pattern.format(split=split, subject=s)).is_file()]
     if wanted and len(present) < len(wanted):
         lost = next(s for s in wanted if s not in present)
-        raise ZhtuneError(f"{lost}: no {split} file", where=str(data / layout.pattern.format(split=split, subject=lost)),
+        where = str(data / layout.pattern.format(split=split, subject=lost))
+        raise ZhtuneError(f"{lost}: no {split} file", where=where,
                           expected=f"{task}'s layout: DIR/{layout.pattern}")
     if not present:
         raise ZhtuneError(f"no {task} {split} files in {data}", where="--data",

@@ -42,7 +42,8 @@ def _read_config(model_dir: Path) -> dict:
     from zhtune.vocab.bytelevel import read_json
 
     if not (model_dir / "config.json").is_file():
-        raise ZhtuneError(f"no config.json in {model_dir}", where="--model", expected="an HF model folder (zhtune merge output)")
+        raise ZhtuneError(f"no config.json in {model_dir}", where="--model",
+                          expected="an HF model folder (zhtune merge output)")
     return read_json(model_dir / "config.json", "config.json")
 
 
@@ -201,7 +202,8 @@ def rope_factors(config: dict):
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})
+    skip = ("architectures", "transformers_version")
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in skip})
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     theta = _rope(config)["rope_theta"]
@@ -305,8 +307,8 @@ def write_gguf(model_dir: Path, out_file: Path, out_type: str = "f16") -> Path:
     for name, hf, qtype in plan:
         shape = reader.shape(hf) if hf is not None else (len(rope_factors(config)),)
         itemsize = 4 if qtype == "f32" else 2
-        writer.add_tensor_info(name, shape, np.dtype(np.uint16 if qtype == "bf16" else np.float16 if qtype == "f16"
-                                                     else np.float32), int(np.prod(shape)) * itemsize, raw_dtype=raw[qtype])
+        dtype = np.dtype(np.uint16 if qtype == "bf16" else np.float16 if qtype == "f16" else np.float32)
+        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * itemsize, raw_dtype=raw[qtype])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -374,8 +376,8 @@ def _check_output_file(out: Path, model_dir: Path, overwrite: bool, modelfile: b
                                   expected="a new path, or a .gguf an earlier export wrote",
                                   hint="move that file away or choose another output path")
     modelfile_path = out.with_name(out.name + ".Modelfile")
-    if modelfile and modelfile_path.exists() and (not overwrite or not modelfile_path.is_file() or
-                                                   not modelfile_path.read_bytes().startswith(MODELFILE_HEADER.encode())):
+    ours = modelfile_path.is_file() and modelfile_path.read_bytes().startswith(MODELFILE_HEADER.encode())
+    if modelfile and modelfile_path.exists() and (not overwrite or not ours):
         raise ZhtuneError(f"{modelfile_path} exists and zhtune did not write it", where="--output",
                           expected="no file where the Ollama Modelfile goes",
                           hint="move it away, choose another output path, or pass --no-modelfile")
@@ -513,7 +515,8 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--model", required=True, type=existing_path, help="HF model folder with tokenizer.model")
     parser.add_argument("--output", required=True, help="the .gguf file to write")
-    parser.add_argument("--quant", default="f16", type=str.lower, help="f32 | f16 | bf16 | q8_0 | q4_k_m | q5_k_m | ...")
+    parser.add_argument("--quant", default="f16", type=str.lower,
+                        help="f32 | f16 | bf16 | q8_0 | q4_k_m | q5_k_m | ...")
     parser.add_argument("--verify", action="store_true", help="load with llama.cpp and compare with transformers")
     parser.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

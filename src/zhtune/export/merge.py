@@ -66,10 +66,12 @@ def plan_merge(base_dir: Path, reader: WeightReader, config: dict, adapters: lis
         if new is not None:
             if ad.tokenizer_size is None:
                 raise ZhtuneError(f"adapter carries a {new}-row vocabulary but no tokenizer", where=where,
-                                  expected="the tokenizer files it was trained with (tokenizer.model, tokenizer_config.json)")
+                                  expected="the tokenizer files it was trained with "
+                                           "(tokenizer.model, tokenizer_config.json)")
             if not _padded_ok(new, ad.tokenizer_size):
-                raise ZhtuneError(f"adapter's embeddings have {new} rows but its tokenizer has {ad.tokenizer_size} tokens",
-                                  where=where, expected="embedding rows = len(tokenizer) (or padded to a multiple of 64)")
+                raise ZhtuneError(f"adapter's embeddings have {new} rows but its tokenizer has "
+                                  f"{ad.tokenizer_size} tokens", where=where,
+                                  expected="embedding rows = len(tokenizer) (or padded to a multiple of 64)")
             if new < rows:
                 raise ZhtuneError(f"adapter would shrink the vocabulary from {rows} to {new} rows", where=where,
                                   expected=f"at least {rows} rows", hint="apply the adapters in training order")
@@ -88,7 +90,8 @@ def plan_merge(base_dir: Path, reader: WeightReader, config: dict, adapters: lis
         elif ad.tokenizer_size is not None:
             if ad.tokenizer_size > rows:
                 raise ZhtuneError(f"adapter's tokenizer has {ad.tokenizer_size} tokens but the model has {rows} rows",
-                                  where=where, expected="resized embed_tokens/lm_head saved with the adapter (modules_to_save)")
+                                  where=where,
+                                  expected="resized embed_tokens/lm_head saved with the adapter (modules_to_save)")
             tok_dir = ad.path
         template = ad.template or template
         rows_after.append(rows)
@@ -348,7 +351,8 @@ def _merge(base, loras, output: Path, fmt, dtype, max_shard_size, verify, overwr
         write_sharded_safetensors(hf_dir, plan.specs, make, max_shard_size)
         bar.close()
         out_cfg = dict(config, vocab_size=plan.vocab)
-        out_cfg["dtype"] = str(next((s.dtype for s in plan.specs if s.dtype.is_floating_point), "float32")).replace("torch.", "")
+        dtype = next((s.dtype for s in plan.specs if s.dtype.is_floating_point), "float32")
+        out_cfg["dtype"] = str(dtype).replace("torch.", "")
         (hf_dir / "config.json").write_text(json.dumps(out_cfg, indent=2) + "\n", encoding="utf-8")
         if (base / "generation_config.json").is_file():
             shutil.copyfile(base / "generation_config.json", hf_dir / "generation_config.json")
@@ -403,8 +407,10 @@ def main(argv: list[str]) -> int:
         zhtune merge --base llama-13b-hf --lora sft_lora_model --output merged-pth/ --format pth --dtype float16
         """,
     )
-    parser.add_argument("--base", default=None, help="HF base model folder; when omitted, the one the adapter's run.yaml names")
-    parser.add_argument("--lora", action="append", required=True, help="adapter folder; repeat to apply several in order")
+    parser.add_argument("--base", default=None,
+                        help="HF base model folder; when omitted, the one the adapter's run.yaml names")
+    parser.add_argument("--lora", action="append", required=True,
+                        help="adapter folder; repeat to apply several in order")
     parser.add_argument("--output", required=True, help="new output folder")
     parser.add_argument("--format", choices=["hf", "pth"], default="hf", help="hf: safetensors; pth: Meta's layout")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,

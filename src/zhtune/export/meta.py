@@ -308,7 +308,8 @@ def main(argv: list[str]) -> int:
         zhtune convert meta --input LLaMA/ --model-size 13B --output llama-13b-hf/ --dtype float16
         """,
     )
-    parser.add_argument("--input", required=True, type=existing_path, help="folder with consolidated.*.pth and params.json")
+    parser.add_argument("--input", required=True, type=existing_path,
+                        help="folder with consolidated.*.pth and params.json")
     parser.add_argument("--output", required=True, help="new HF model folder")
     parser.add_argument("--model-size", default=None, help="subfolder of --input to convert (7B, 13B, ...)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,

@@ -142,7 +142,8 @@ def verify_gguf(gguf: Path, model_dir: Path, quantised: bool, log=print, name: s
                           where=str(gguf), expected=f"{hf_ids[bad]}", hint=f"llama.cpp gave {cpp_ids[bad]}")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     result = compare(hf_logits(model, hf_ids), cpp_rows)
-    log(f"校验 verify (llama.cpp {name or gguf.name} vs transformers fp32, {len(PROMPTS)} zh/en prompts): {result.line()}")
+    log(f"校验 verify (llama.cpp {name or gguf.name} vs transformers fp32, {len(PROMPTS)} zh/en prompts): "
+        f"{result.line()}")
     share, top1 = LOGIT_TOLERANCE.get(out_type, LOGIT_TOLERANCE["bf16"])
     ok = result.top1_agreement >= (0.75 if quantised else top1) and \
         (quantised or result.max_abs_diff <= share * max(1.0, result.max_abs_logit))

@@ -167,7 +167,8 @@ def write_sharded_safetensors(out_dir: Path, specs: list[TensorSpec], make: Call
             for spec in shard:
                 t = make(spec)
                 if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
-                    raise RuntimeError(f"{spec.name}: made {tuple(t.shape)} {t.dtype}, planned {spec.shape} {spec.dtype}")
+                    raise RuntimeError(f"{spec.name}: made {tuple(t.shape)} {t.dtype}, "
+                                       f"planned {spec.shape} {spec.dtype}")
                 if spec.nbytes:
                     fh.write(t.contiguous().view(-1).view(_u8()).numpy().data)
                 weight_map[spec.name] = fname

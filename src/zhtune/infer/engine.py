@@ -205,7 +205,7 @@ def worker_loop(engine_ref, requests: queue.SimpleQueue, run_batch: Callable, on
                 return
             try:
                 run_batch(engine, first)
-            except BaseException as exc:  # never leave a caller waiting forever
+            except BaseException as exc:  # noqa: BLE001 - never leave a caller waiting forever
                 print(f"zhtune {engine.backend} worker error: {exc!r}", file=sys.stderr)
             if engine._closed:     # close() arrived while the batch ran (its None was consumed there)
                 fail_pending(requests, None)
@@ -339,7 +339,7 @@ class Engine:
                     text += last.text
                 results[i] = Completion(text, last.finish_reason or "length", last.prompt_tokens,
                                         last.completion_tokens)
-            except BaseException as exc:  # re-raised in the caller's thread
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 results[i] = exc
 
         threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(prompts))]
@@ -397,7 +397,7 @@ def hf_token_bytes(tokenizer) -> Callable[[list[int]], list[bytes]]:
 
     try:
         decoder = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
-    except Exception:   # a slow tokenizer: no byte-level decoder to find
+    except Exception:  # noqa: BLE001 - a slow tokenizer: no byte-level decoder to find
         decoder = ""
     byte_of = {}
     if "ByteLevel" in decoder:   # the inverse of GPT-2's bytes_to_unicode

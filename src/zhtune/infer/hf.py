@@ -36,9 +36,10 @@ def _load_tokenizer(folder: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read
         raise ZhtuneError(f"cannot load the tokenizer from {folder}: {exc}", where=str(folder),
-                          expected="tokenizer files (tokenizer.model / tokenizer.json + tokenizer_config.json)") from None
+                          expected="tokenizer files (tokenizer.model / tokenizer.json + tokenizer_config.json)",
+                          ) from None
 
 
 def _pick_dtype(dtype: str, cuda: bool):
@@ -62,7 +63,7 @@ def _load_base(spec: ModelSpec, dtype: str, load_in_8bit: bool, load_in_4bit: bo
 
     try:
         AutoConfig.from_pretrained(str(spec.base))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a bad config.json
         raise ZhtuneError(f"not a transformers model: {spec.base} ({exc})", where="--model",
                           expected="a folder with a valid config.json") from None
     cuda = torch.cuda.is_available() and device != "cpu"
@@ -81,7 +82,7 @@ def _load_base(spec: ModelSpec, dtype: str, load_in_8bit: bool, load_in_4bit: bo
             load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_use_double_quant=True)
     if cuda:
-        n = torch.cuda.device_count() if not num_gpus else num_gpus
+        n = num_gpus or torch.cuda.device_count()
         if n > torch.cuda.device_count():
             raise ZhtuneError(f"--num-gpus {n} but only {torch.cuda.device_count()} GPUs are visible",
                               where="--num-gpus", expected=f"1..{torch.cuda.device_count()}")
@@ -91,7 +92,7 @@ def _load_base(spec: ModelSpec, dtype: str, load_in_8bit: bool, load_in_4bit: bo
             kwargs["max_memory"] = {i: torch.cuda.mem_get_info(i)[0] for i in range(n)}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(spec.base), **kwargs)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for weights it cannot load
         raise ZhtuneError(f"cannot load model {spec.base}: {exc}", where="--model",
                           expected="an HF causal LM folder (config.json + safetensors weights)") from None
     return model
@@ -104,7 +105,7 @@ def _adapter_tensors(adapter: Path) -> dict:
     if not f.is_file():
         return {}
     with safe_open(str(f), "pt") as h:
-        return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+        return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}  # noqa: SIM118 - safe_open has keys(), not __iter__
 
 
 def _adapter_vocab(adapter: Path, shapes: dict) -> int | None:
@@ -374,7 +375,7 @@ class _Batch:
                 try:
                     logits = self._prefill(join) if join else self._decode()
                     self._sample_and_emit(join or self.rows, logits)
-                except BaseException as exc:
+                except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
                     for r in {id(r): r for r in self.rows + join + pending}.values():
                         r.out.put(exc)
                     return

@@ -48,8 +48,8 @@ class LlamaCppEngine(Engine):
                  n_ctx: int = 0,
                  n_threads: int | None = None, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_parallel: int = 8, **unknown):
-        """template: called with the GGUF's embedded chat_template, BOS and EOS text, returns the registry template to use
-        (zhtune.infer.resolve.gguf_template; default: the "default" template);
+        """template: called with the GGUF's embedded chat_template, BOS and EOS text, returns the registry
+        template to use (zhtune.infer.resolve.gguf_template; default: the "default" template);
         n_ctx: context per sequence (0: the model's); n_parallel: sequences decoded together;
         n_threads: threads for a step of one token (one stream decoding); n_threads_batch: for steps
         of several tokens (prompts, several streams at once)."""
@@ -354,7 +354,7 @@ class _Decoder:
         try:
             slot = next(s for s in self.slots if s.req is None)
             r.out.put([self._score_one(slot, ids, r) for ids in r.sequences])
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
             r.out.put(exc)
 
     def _score_one(self, slot: _Slot, ids: list[int], r: _ScoreReq) -> Scored:

@@ -59,7 +59,7 @@ class VllmEngine(Engine):
                           max_model_len=max_model_len, enable_lora=bool(spec.loras), max_lora_rank=64)
         try:
             self.llm = LLMEngine.from_engine_args(args)
-        except Exception as exc:  # vLLM raises many types for a model it cannot serve
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many types for a model it cannot serve
             raise ZhtuneError(f"vLLM cannot load {spec.base}: {exc}", where="--model") from None
         self.lora = None
         if spec.loras:
@@ -200,7 +200,7 @@ class VllmEngine(Engine):
                     handler(o)
                     if o.finished:
                         self._streams.pop(o.request_id, None)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for handler in self._streams.values():
                     handler(exc)
                 self._streams.clear()

@@ -7,7 +7,8 @@ new row of the input embeddings and of the output head is the mean of the base r
 BASE tokenizer splits that piece's text into ("中国" -> <0xE4><0xB8>... -> mean). "logprob" (the
 default when the head is untied and there is training text to calibrate on): the output rows are
 fitted so a new piece's day-0 probability tracks the base's probability of its whole text, and
-input rows weigh the piece's last characters most, byte-spelled ones as a neutral row; see expand_embeddings and benchmarks/embedding_init.py.
+input rows weigh the piece's last characters most, byte-spelled ones as a neutral row; see
+expand_embeddings and benchmarks/embedding_init.py.
 """
 
 from __future__ import annotations

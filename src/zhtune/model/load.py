@@ -23,7 +23,8 @@ def check_model_path(path: str, key: str = "model_name_or_path") -> str:
     """A local HF model folder, or (when online) a Hub id; anything else is a ZhtuneError naming `key`."""
     if not path:
         raise ZhtuneError(f"{key} is not set", where=key, expected="a base model folder (HF format) or a Hub id",
-                          hint="e.g. model_name_or_path=path/to/llama-7b-hf (see `python -m zhtune.tiny` for a tiny one)")
+                          hint="e.g. model_name_or_path=path/to/llama-7b-hf "
+                               "(see `python -m zhtune.tiny` for a tiny one)")
     local = Path(path).expanduser()
     if local.exists():
         if local.is_dir() and not (local / "config.json").is_file() and key == "model_name_or_path":
@@ -62,7 +63,8 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})
+    skip = ("architectures", "transformers_version")
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in skip})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}

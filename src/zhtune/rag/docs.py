@@ -94,7 +94,7 @@ def _read_pdf(path: Path) -> str:
     try:
         reader = PdfReader(str(path))
         return "\n\n".join((page.extract_text() or "") for page in reader.pages)
-    except Exception as exc:  # pypdf raises many types for damaged files
+    except Exception as exc:  # noqa: BLE001 - pypdf raises many types for damaged files
         raise ZhtuneError(f"cannot read PDF: {exc}", where=str(path), expected="a readable PDF with text") from None
 
 

@@ -56,7 +56,7 @@ class SentenceEmbeddings(Embeddings):
         self.path = str(Path(path).expanduser().resolve())
         try:
             self.model = SentenceTransformer(self.path, device=device, local_files_only=True)
-        except Exception as exc:  # a folder that is not a model gives OSError/ValueError/KeyError...
+        except Exception as exc:  # noqa: BLE001 - a folder that is not a model gives OSError/ValueError/KeyError...
             raise ZhtuneError(f"cannot load the embedding model: {exc}", where=f"--embedding {path}",
                               expected="a sentence-transformers (or BERT-like HF) model folder",
                               hint=EMBEDDING_HINT) from None

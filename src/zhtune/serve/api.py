@@ -567,7 +567,7 @@ async def _sse(reply: Reply, events, first, include_usage: bool):
                 yield chunk([c])
         if include_usage:
             yield chunk([], reply.usage(finals))
-    except Exception as exc:  # the engine failed after the 200: say so in-band, then end the stream
+    except Exception as exc:  # noqa: BLE001 - the engine failed after the 200: say so in-band, then end the stream
         yield {"data": json.dumps(as_api_error(exc).body(), ensure_ascii=False)}
     finally:
         await events.aclose()

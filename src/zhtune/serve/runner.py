@@ -69,14 +69,14 @@ class Runner:
                 post((index, delta))
                 if cancel.is_set() or delta.finish_reason:
                     break
-        except BaseException as exc:  # handed to the request's task, which answers it
+        except BaseException as exc:  # noqa: BLE001 - handed to the request's task, which answers it
             post((index, exc))
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 try:
                     close()  # cancels the engine's generation if it is still running
-                except Exception:
+                except Exception:  # noqa: BLE001 - best effort: the request is already failing
                     pass
             with self._lock:
                 self.active -= 1

@@ -82,7 +82,8 @@ def make_preference_trainer(cfg, model, tokenizer, data, out: Path, peft_config=
             def create_model_card(self, *args, **kwargs):
                 """TRL writes README.md into output_dir at every checkpoint; our output layout has none."""
 
-        texts = [None if d is None else d.select_columns(["prompt", "chosen", "rejected"]) for d in (data.train, data.eval)]
+        columns = ["prompt", "chosen", "rejected"]
+        texts = [None if d is None else d.select_columns(columns) for d in (data.train, data.eval)]
         return ReferenceFreeTrainer(model=model, args=args, train_dataset=texts[0], eval_dataset=texts[1],
                                     processing_class=tokenizer, callbacks=callbacks)
 

@@ -353,7 +353,9 @@ def merge_ram(model: str, shape: Shape, adapter_bytes: float) -> tuple[float, st
     path = Path(model).expanduser()
     bins = sorted(path.glob("*.bin")) if path.is_dir() and not any(path.glob("*.safetensors")) else []
     shard = max((p.stat().st_size for p in bins), default=0)
-    how = "largest tensor x2 in fp32 + adapters" + (f" + the largest .bin shard ({shard / GIB:.1f} GiB)" if bins else "")
+    how = "largest tensor x2 in fp32 + adapters"
+    if bins:
+        how += f" + the largest .bin shard ({shard / GIB:.1f} GiB)"
     return PROCESS_BASE_RAM + largest_tensor + adapter_bytes + shard, how
 
 
@@ -371,8 +373,10 @@ peak CPU RAM of `zhtune merge`. Takes the same CONFIG.yaml and key=value argumen
 EXAMPLES = """
 zhtune estimate examples/chinese_llama_pt_lora.yaml model_name_or_path=llama-7b --vocab-size 49953 --gpu-memory 24
 zhtune estimate model_name_or_path=llama-7b finetuning_type=lora cutoff_len=512 --gpu-memory 24
-zhtune estimate model_name_or_path=llama-65b finetuning_type=qlora lora_rank=64 gradient_checkpointing=true --gpu-memory 48
-zhtune estimate model_name_or_path=llama-2-70b finetuning_type=full deepspeed=examples/deepspeed/ds_zero3_offload.json --num-gpus 8 --gpu-memory 80
+zhtune estimate model_name_or_path=llama-65b finetuning_type=qlora lora_rank=64 gradient_checkpointing=true \
+    --gpu-memory 48
+zhtune estimate model_name_or_path=llama-2-70b finetuning_type=full \
+    deepspeed=examples/deepspeed/ds_zero3_offload.json --num-gpus 8 --gpu-memory 80
 """
 
 

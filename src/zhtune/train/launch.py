@@ -55,7 +55,8 @@ def torchrun_command(nproc_per_node: int, argv: list[str], env: dict | None = No
                               expected=f"0 on the main machine, up to {nnodes - 1} on the others")
         master = env.get("MASTER_ADDR")
         if not master:
-            raise ZhtuneError(f"NNODES={nnodes} needs the main machine's address", where="environment variable MASTER_ADDR",
+            raise ZhtuneError(f"NNODES={nnodes} needs the main machine's address",
+                              where="environment variable MASTER_ADDR",
                               expected="MASTER_ADDR=<IP or host name of the NODE_RANK=0 machine>")
         port = _int_env(env, "MASTER_PORT", 29500, 1)
         command += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master}",

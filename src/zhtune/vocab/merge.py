@@ -423,6 +423,7 @@ def _print_summary(args, info: dict, skipped: Counter, report: dict, seconds: fl
         first = report["first_difference"]
         print(f"  注意 note: the fast tokenizer differs from sentencepiece on "
               f"{n - report['fast_equals_sentencepiece']} lines{why}.\n  first: check line {first['line']} "
-              f"{first['text'][:30]!r}... from token {first['token']}: sentencepiece {' '.join(first['sentencepiece'])} "
+              f"{first['text'][:30]!r}... from token {first['token']}: "
+              f"sentencepiece {' '.join(first['sentencepiece'])} "
               f"| fast {' '.join(first['hf'])}", file=out)
     print(f"用时 time: {seconds:.1f}s", file=out)

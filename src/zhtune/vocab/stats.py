@@ -46,7 +46,8 @@ class Loaded:
 
     name: str
     path: Path
-    kind: str  # "hf" (AutoTokenizer), "byte-level BPE" (AutoTokenizer on a byte-level tokenizer.json) or "sentencepiece"
+    # "hf" (AutoTokenizer), "byte-level BPE" (AutoTokenizer on a byte-level tokenizer.json) or "sentencepiece"
+    kind: str
     encode: Callable[[list[str]], list[list[int]]]
     decode: Callable[[list[int]], str]
     vocab_size: int
@@ -68,7 +69,8 @@ def load_tokenizer(path: str | Path) -> Loaded:
             raise ZhtuneError(f"{path} has no tokenizer.json, tokenizer_config.json or single .model file",
                               where="--tokenizer", expected="an HF tokenizer folder or a SentencePiece .model file")
         path = models[0]  # a bare sentencepiece folder: AutoTokenizer would load it with other ids
-    name = path.name if path.name not in ("tokenizer.model", "merged_tokenizer_hf") else f"{path.parent.name}/{path.name}"
+    generic = path.name in ("tokenizer.model", "merged_tokenizer_hf")
+    name = f"{path.parent.name}/{path.name}" if generic else path.name
     if path.is_file():
         from zhtune.vocab.hf import read_sp_model, sp_processor
 
@@ -80,7 +82,7 @@ def load_tokenizer(path: str | Path) -> Loaded:
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:  # transformers raises many kinds for a folder it cannot read
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read
         raise ZhtuneError(f"cannot load tokenizer folder {path}: {exc}", where="--tokenizer",
                           expected="a folder AutoTokenizer.from_pretrained can load") from None
     vocab = tok.get_vocab()

@@ -202,7 +202,7 @@ def train_sp(sentences: list[str], args, prefix: Path) -> float:
         try:
             spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf,
                                            **sp_options(args, len(sentences)))
-        except BaseException as exc:  # handed to the main thread
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             errors.append(exc)
 
     start = time.perf_counter()
