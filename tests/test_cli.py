@@ -18,7 +18,7 @@ def run(*args: str, **kw) -> subprocess.CompletedProcess:
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for name in cli.available():
+    for name in cli.COMMANDS:
         assert name in out.stdout
     assert "zhtune demo" in out.stdout
 
@@ -30,8 +30,6 @@ def test_version():
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
 def test_every_subcommand_help(name, capsys):
-    if name not in cli.available():
-        pytest.skip(f"`zhtune {name}` is not part of this version yet")
     with pytest.raises(SystemExit) as exc:
         cli.main([*name.split(), "--help"])
     assert exc.value.code == 0

@@ -41,8 +41,6 @@ def check(command: str) -> None:
     words = shlex.split(command.replace('"$', "$").replace('"', ""))[1:]
     name = " ".join(words[:2]) if " ".join(words[:2]) in cli.COMMANDS else words[0]
     assert name in cli.COMMANDS, f"unknown command in: {command}"
-    if name not in cli.available():
-        pytest.skip(f"zhtune {name} not in this version")
     usage = help_text(name)
     for word in words[len(name.split()):]:
         if word.startswith("--"):

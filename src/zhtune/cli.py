@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 import traceback
@@ -31,22 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def available() -> dict[str, tuple[str, str]]:
-    """Commands whose module is installed in this version."""
-    out = {}
-    for name, (target, help_text) in COMMANDS.items():
-        module = target.split(":")[0]
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            out[name] = (target, help_text)
-    return out
-
-
 def _usage() -> str:
-    rows = "\n".join(f"  {name:<15} {help_text}" for name, (_, help_text) in available().items())
+    rows = "\n".join(f"  {name:<15} {help_text}" for name, (_, help_text) in COMMANDS.items())
     return (
         f"zhtune {__version__} — 让 LLaMA 学好中文，一条命令行从词表到部署。\n"
         "Make a LLaMA-family model good at Chinese and ship it.\n\n"
@@ -59,10 +44,9 @@ def _usage() -> str:
 
 
 def _resolve(argv: list[str]) -> tuple[str, list[str]] | None:
-    commands = available()
     for width in (2, 1):
         name = " ".join(argv[:width])
-        if len(argv) >= width and name in commands:
+        if len(argv) >= width and name in COMMANDS:
             return name, argv[width:]
     return None
 
@@ -79,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     found = _resolve(argv)
     if found is None:
-        group = [n for n in available() if n.split()[0] == argv[0]]
+        group = [n for n in COMMANDS if n.split()[0] == argv[0]]
         if group:  # e.g. `zhtune vocab` alone: list its subcommands
             ok = len(argv) == 1 or argv[1] in ("-h", "--help")
             out = sys.stdout if ok else sys.stderr  # `zhtune vocab trian` is an error: stderr, exit 2
@@ -89,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if ok else 2
         import difflib
 
-        close = difflib.get_close_matches(" ".join(argv[:2]), list(available()), n=1) or \
-            difflib.get_close_matches(argv[0], list(available()), n=1)
+        close = difflib.get_close_matches(" ".join(argv[:2]), list(COMMANDS), n=1) or \
+            difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
         hint = f"did you mean `zhtune {close[0]}`?" if close else "run `zhtune --help`"
         print(ZhtuneError(f"unknown command: {argv[0]}", hint=hint).render(), file=sys.stderr)
         return 2

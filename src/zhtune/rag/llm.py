@@ -241,8 +241,6 @@ def call_llm(runnable, inputs: dict, stream_to=None) -> str:
             stream_to.write(text)
             stream_to.flush()
         return "".join(parts)
-    except ImportError:
-        raise
     except Exception as exc:
         if type(exc).__module__.startswith("openai"):
             raise ZhtuneError(f"the server failed: {exc}", where="--api-base") from None

@@ -275,7 +275,7 @@ def add_steps(base: ByteLevelBPE, path, flag: str = "--add") -> tuple[list[Step]
                               expected="the base's own normaliser",
                               hint=f"train it with `zhtune vocab train --base {base.path.parent}`")
         return bpe_steps(ByteLevelBPE(json_file, data)), str(json_file)
-    from zhtune.vocab.merge import resolve_base
+    from zhtune.vocab.hf import resolve_base
 
     model = resolve_base(path, flag=flag)
     proto = read_sp_model_checked(model, base, flag)

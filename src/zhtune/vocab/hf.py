@@ -36,6 +36,31 @@ SPACE = "\u2581"  # ▁, sentencepiece's visible space
 HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def resolve_base(path: str | Path, flag: str = "--base") -> Path:
+    """The SentencePiece file of a base: a .model path or an HF folder holding tokenizer.model."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ZhtuneError(f"base tokenizer not found: {path}", where=flag,
+                          expected="an HF tokenizer folder with tokenizer.model, or a tokenizer.model file")
+    if path.is_file():
+        return path
+    # an HF folder, a `vocab train` output, or a `vocab merge` output (its HF folder)
+    for name in ("tokenizer.model", "zh_sp.model", "merged_tokenizer_hf/tokenizer.model"):
+        if (path / name).is_file():
+            return path / name
+    models = sorted(path.glob("*.model"))
+    if len(models) == 1:
+        return models[0]
+    if (path / "tokenizer.json").is_file():
+        raise ZhtuneError(f"{path} has tokenizer.json but no tokenizer.model", where=flag,
+                          expected="the SentencePiece model (tokenizer.model) that LLaMA, Mistral and "
+                                   "Chinese-LLaMA ship next to tokenizer.json",
+                          hint="this tokenizer.json is SentencePiece-style BPE (not byte-level): copy tokenizer.model "
+                               "from the original model repository into this folder")
+    raise ZhtuneError(f"no tokenizer.model in {path}", where=flag,
+                      expected="an HF tokenizer folder with tokenizer.model, or a .model file")
+
+
 def read_sp_model(path: str | Path, what: str = "SentencePiece model"):
     """Parse a SentencePiece .model file into a ModelProto; a ZhtuneError names the file otherwise."""
     from google.protobuf.message import DecodeError

@@ -27,36 +27,11 @@ from zhtune.args import make_parser
 from zhtune.errors import ZhtuneError
 from zhtune.io import atomic_output_dir, atomic_write_bytes, atomic_write_json, write_run_yaml
 from zhtune.vocab.cjk import DEFAULT_CJK_RANGES, RANGES_RE, char_test, han_count, parse_ranges  # noqa: F401 (re-exported)
-from zhtune.vocab.hf import NORMAL, USER_DEFINED, read_sp_model, sp_encoder, write_hf_tokenizer
+from zhtune.vocab.hf import NORMAL, USER_DEFINED, read_sp_model, resolve_base, sp_encoder, write_hf_tokenizer
 
 MODES = ("preserve", "all-pieces", "chars")
 INFO_FILE = "zhtune_vocab.json"
 BASE_COPY = "base_tokenizer.model"
-
-
-def resolve_base(path: str | Path, flag: str = "--base") -> Path:
-    """The SentencePiece file of a base: a .model path or an HF folder holding tokenizer.model."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ZhtuneError(f"base tokenizer not found: {path}", where=flag,
-                          expected="an HF tokenizer folder with tokenizer.model, or a tokenizer.model file")
-    if path.is_file():
-        return path
-    # an HF folder, a `vocab train` output, or a `vocab merge` output (its HF folder)
-    for name in ("tokenizer.model", "zh_sp.model", "merged_tokenizer_hf/tokenizer.model"):
-        if (path / name).is_file():
-            return path / name
-    models = sorted(path.glob("*.model"))
-    if len(models) == 1:
-        return models[0]
-    if (path / "tokenizer.json").is_file():
-        raise ZhtuneError(f"{path} has tokenizer.json but no tokenizer.model", where=flag,
-                          expected="the SentencePiece model (tokenizer.model) that LLaMA, Mistral and "
-                                   "Chinese-LLaMA ship next to tokenizer.json",
-                          hint="this tokenizer.json is SentencePiece-style BPE (not byte-level): copy tokenizer.model "
-                               "from the original model repository into this folder")
-    raise ZhtuneError(f"no tokenizer.model in {path}", where=flag,
-                      expected="an HF tokenizer folder with tokenizer.model, or a .model file")
 
 
 def _score_ladder(below: float, n: int) -> list[float]:
