@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zhtune.config import TrainConfig
 from zhtune.data.readers import (
     ASSISTANT_ROLES, DatasetBundle, Record, SkipCounter, _field, _turns, cache_key, cached_build, detect_format,
     fingerprint_entries, history_messages, read_records, split_validation, tokenizer_fingerprint,
@@ -115,7 +116,8 @@ def to_pair(rec: Record) -> Pair:
     return Pair(rec.source, context, chosen, rejected)
 
 
-def load_pairs(entries: list[str], cfg, skips: SkipCounter, where: str = "dataset") -> tuple[list[Pair], dict]:
+def load_pairs(entries: list[str], cfg: TrainConfig, skips: SkipCounter,
+               where: str = "dataset") -> tuple[list[Pair], dict]:
     """Files -> valid Pairs; empty fields and identical answers are skipped and counted."""
     pairs, formats, n_read = [], {}, 0
     for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples):
@@ -183,7 +185,7 @@ def tokenise_pairs(pairs: list[Pair], tokenizer, template, cutoff_len: int, skip
     return out
 
 
-def _dataset(entries: list[str], cfg, tokenizer, template, skips: SkipCounter, where: str):
+def _dataset(entries: list[str], cfg: TrainConfig, tokenizer, template, skips: SkipCounter, where: str):
     import datasets
 
     pairs, counts = load_pairs(entries, cfg, skips, where)
@@ -203,7 +205,7 @@ def _stats(ds) -> dict:
     return {"pairs": len(ds), "max_tokens": max(lengths), "mean_tokens": round(sum(lengths) / len(lengths), 1)}
 
 
-def build_preference_dataset(cfg, tokenizer, template) -> DatasetBundle:
+def build_preference_dataset(cfg: TrainConfig, tokenizer, template) -> DatasetBundle:
     """cfg.dataset (+ val_file / val_size) -> datasets of prompt/chosen/rejected ids for DPOTrainer."""
     if cfg.val_file and cfg.val_size:
         raise ZhtuneError("both val_file and val_size are set", where="val_file / val_size",

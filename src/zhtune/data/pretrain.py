@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from zhtune.config import TrainConfig
 from zhtune.data.readers import (
     DatasetBundle, SkipCounter, cache_key, cached_build, detect_format, fingerprint_entries, read_records,
     split_validation, to_text, tokenizer_fingerprint,
@@ -19,7 +20,7 @@ from zhtune.data.sft import IGNORE, check_split_options, data_stats, make_collat
 from zhtune.errors import ZhtuneError
 
 
-def load_documents(entries: list[str], cfg, skips: SkipCounter, where: str) -> tuple[list[str], int]:
+def load_documents(entries: list[str], cfg: TrainConfig, skips: SkipCounter, where: str) -> tuple[list[str], int]:
     """Records -> document texts; blank documents are skipped and counted."""
     texts, n_read = [], 0
     for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples, key=where):
@@ -83,7 +84,7 @@ def make_blocks(ds, cutoff_len: int, packing: bool):
     return datasets.Dataset(InMemoryTable(pa.table(out)))
 
 
-def tokenise_corpus(entries: list[str], cfg, tokenizer, skips: SkipCounter, where: str):
+def tokenise_corpus(entries: list[str], cfg: TrainConfig, tokenizer, skips: SkipCounter, where: str):
     import datasets
 
     texts, n_read = load_documents(entries, cfg, skips, where)
@@ -94,7 +95,7 @@ def tokenise_corpus(entries: list[str], cfg, tokenizer, skips: SkipCounter, wher
     return ds, n_read
 
 
-def build_pretrain_dataset(cfg, tokenizer) -> DatasetBundle:
+def build_pretrain_dataset(cfg: TrainConfig, tokenizer) -> DatasetBundle:
     """cfg.dataset (+ val_file / val_size, split by document) -> blocks of cutoff_len tokens."""
     check_split_options(cfg)
     packing = True if cfg.packing is None else bool(cfg.packing)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from zhtune.config import TrainConfig
 from zhtune.data.readers import (
     DatasetBundle, SkipCounter, cache_key, cached_build, detect_format, fingerprint_entries, read_records,
     split_validation, to_messages, tokenizer_fingerprint,
@@ -25,7 +26,7 @@ IGNORE = -100
 
 # --- reading and tokenising ---------------------------------------------------------------------
 
-def load_conversations(entries: list[str], cfg, skips: SkipCounter, where: str = "dataset"):
+def load_conversations(entries: list[str], cfg: TrainConfig, skips: SkipCounter, where: str = "dataset"):
     """Records -> (messages per sample, source per sample); structural problems raise, empty answers skip."""
     messages, sources, formats, n_read = [], [], {}, 0
     for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples, key=where):
@@ -81,7 +82,7 @@ def tokenise_conversations(batch: dict, tokenizer, template, cutoff_len: int, tr
     return out
 
 
-def tokenise_samples(entries: list[str], cfg, tokenizer, template, skips: SkipCounter, where: str):
+def tokenise_samples(entries: list[str], cfg: TrainConfig, tokenizer, template, skips: SkipCounter, where: str):
     """Files -> a tokenised datasets.Dataset (input_ids, labels, source) and its counts."""
     import datasets
 
@@ -111,7 +112,7 @@ def tokenise_samples(entries: list[str], cfg, tokenizer, template, skips: SkipCo
     return ds, counts
 
 
-def _num_proc(cfg, n: int) -> int | None:
+def _num_proc(cfg: TrainConfig, n: int) -> int | None:
     workers = cfg.preprocessing_num_workers
     # a worker pool costs seconds to start: only worth it for real datasets
     return workers if workers and workers > 1 and n >= 1000 * workers else None
@@ -240,7 +241,7 @@ def data_stats(ds) -> dict:
     return {"rows": len(ds), "tokens": int(len(labels)), "label_tokens": int((labels != IGNORE).sum())}
 
 
-def check_split_options(cfg) -> None:
+def check_split_options(cfg: TrainConfig) -> None:
     if cfg.val_file and cfg.val_size:
         raise ZhtuneError("both val_file and val_size are set", where="val_file / val_size",
                           expected="one of them: a validation file, or a fraction/count to hold out")
@@ -248,7 +249,7 @@ def check_split_options(cfg) -> None:
         raise ZhtuneError(f"cutoff_len={cfg.cutoff_len}", where="cutoff_len", expected="at least 2 tokens")
 
 
-def build_sft_dataset(cfg, tokenizer, template) -> DatasetBundle:
+def build_sft_dataset(cfg: TrainConfig, tokenizer, template) -> DatasetBundle:
     """cfg.dataset (+ val_file / val_size) -> tokenised, label-masked, optionally packed datasets."""
     check_split_options(cfg)
     packing = bool(cfg.packing)          # default (None) is off for sft

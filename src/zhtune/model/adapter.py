@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zhtune.config import TrainConfig
 from zhtune.errors import ZhtuneError
 
 
@@ -66,7 +67,7 @@ def resolve_targets(model, wanted: list[str]) -> list[str]:
     return out
 
 
-def attach_adapter(model, cfg, vocab_grew: bool):
+def attach_adapter(model, cfg: TrainConfig, vocab_grew: bool):
     """Full fine-tuning: the model as is. LoRA/QLoRA: a peft model with only the adapter trainable."""
     if cfg.finetuning_type == "full":
         for p in model.parameters():

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zhtune.config import TrainConfig
 from zhtune.errors import ZhtuneError
 
 METHODS = ("auto", "mean", "logprob")
@@ -43,7 +44,7 @@ def padding_allowance(vocab: int) -> int:
     return max(128, vocab // 100)
 
 
-def base_tokenizer_path(cfg) -> Path | None:
+def base_tokenizer_path(cfg: TrainConfig) -> Path | None:
     """The base SentencePiece model (or HF tokenizer folder) that new pieces are split with.
 
     Order: `base_tokenizer` in the config; what `vocab merge` recorded in the tokenizer folder;
@@ -78,7 +79,7 @@ def _is_bytelevel_dir(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() and is_bytelevel(read_json(folder / "tokenizer.json"))
 
 
-def calibration_texts(cfg, limit: int = 4096) -> list[str]:
+def calibration_texts(cfg: TrainConfig, limit: int = 4096) -> list[str]:
     """Up to `limit` texts of the training data (documents, or an SFT/DPO record's turns joined), for
     fit_output_rows. Unreadable data gives [] under "auto" (the data loader reports it, with file:line,
     next) and raises that error under "logprob"."""

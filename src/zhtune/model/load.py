@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from zhtune.config import TrainConfig
 from zhtune.errors import ZhtuneError
 from zhtune.io import looks_like_local_path, read_json
 
@@ -116,7 +117,7 @@ def device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def mixed_precision(cfg) -> tuple[bool, bool]:
+def mixed_precision(cfg: TrainConfig) -> tuple[bool, bool]:
     """(bf16, fp16) for TrainingArguments: bf16 by default on a GPU that supports it, off on CPU."""
     import torch
 
@@ -127,7 +128,7 @@ def mixed_precision(cfg) -> tuple[bool, bool]:
     return bool(bf16), bool(cfg.fp16)
 
 
-def model_dtype(cfg):
+def model_dtype(cfg: TrainConfig):
     """Weights dtype: the GPU's half type when training in mixed precision there, fp32 on CPU."""
     import torch
 
@@ -141,7 +142,7 @@ def model_dtype(cfg):
     return torch.float32
 
 
-def load_tokenizer(cfg):
+def load_tokenizer(cfg: TrainConfig):
     """The training tokenizer (tokenizer_name_or_path, else the model's), right-padded, with a pad token."""
     from transformers import AutoTokenizer
 
@@ -160,7 +161,7 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def quantization_config(cfg):
+def quantization_config(cfg: TrainConfig):
     """BitsAndBytesConfig for QLoRA (nf4 + double quantisation, or 8-bit), or None."""
     if cfg.quantization_bit is None:
         return None
@@ -178,7 +179,7 @@ def quantization_config(cfg):
                               bnb_4bit_compute_dtype=model_dtype(cfg))
 
 
-def load_model(cfg):
+def load_model(cfg: TrainConfig):
     """The base causal LM for training (quantised for QLoRA), in train mode."""
     from transformers import AutoModelForCausalLM
 

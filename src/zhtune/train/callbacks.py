@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from zhtune.config import TrainConfig
 from zhtune.io import atomic_write_bytes
 
 
@@ -54,7 +55,7 @@ class LossPlotCallback(TrainerCallback):
             plot_loss(state.log_history, self.path)
 
 
-def describe_setup(cfg, expansion, summary: dict, stats: dict, resume: str | None) -> str:
+def describe_setup(cfg: TrainConfig, expansion, summary: dict, stats: dict, resume: str | None) -> str:
     """A short bilingual block printed before training starts."""
     lines = [
         f"阶段 stage:        {cfg.stage} ({cfg.finetuning_type}"

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from zhtune.config import to_dict
+from zhtune.config import TrainConfig, to_dict
 from zhtune.errors import ZhtuneError
 from zhtune.io import RUN_FILE, atomic_output_dir, atomic_write_json, read_json, read_run_yaml, write_run_yaml
 
@@ -42,7 +42,7 @@ def _ours(name: str) -> bool:
     return name in RUN_FILES or bool(_OURS.fullmatch(name))
 
 
-def lock_output_dir(cfg):
+def lock_output_dir(cfg: TrainConfig):
     """Hold output_dir for the whole run (io.output_lock): two trainings into one folder would leave run.yaml
     of one, checkpoints of both and results of the other. Rank 0 holds it for a multi-process run."""
     from zhtune.io import output_lock
@@ -90,7 +90,7 @@ def check_checkpoint(path: Path) -> None:
                           expected="a checkpoint written to the end", hint=hint) from None
 
 
-def prepare_output_dir(cfg) -> tuple[Path, str | None]:
+def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, str | None]:
     """Check output_dir (writing nothing) and return (output_dir, checkpoint to resume from or None).
 
     The same config in run.yaml -> resume; another run's config or foreign files -> refused unless
@@ -137,7 +137,7 @@ def _remove_stale_temporaries(out: Path) -> None:
             print(f"已清理 removed a stale temporary left by an interrupted run: {child}", file=sys.stderr)
 
 
-def record_run(cfg, out: Path, parents: dict[str, str]) -> None:
+def record_run(cfg: TrainConfig, out: Path, parents: dict[str, str]) -> None:
     """Write output_dir/run.yaml just before training (after everything that can fail on bad input),
     so the same command later recognises this run and resumes it."""
     if not is_main_process():
@@ -150,7 +150,7 @@ def record_run(cfg, out: Path, parents: dict[str, str]) -> None:
     write_run_yaml(out, cfg.stage, to_dict(cfg), _local(parents))
 
 
-def _resume_point(cfg, out: Path) -> str | None:
+def _resume_point(cfg: TrainConfig, out: Path) -> str | None:
     value = cfg.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "no", "none", ""):
         return None
@@ -174,13 +174,13 @@ def _local(parents: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in parents.items() if v and Path(v).expanduser().exists()}
 
 
-def run_parents(cfg) -> dict[str, str]:
+def run_parents(cfg: TrainConfig) -> dict[str, str]:
     """The folders this run derives from, recorded in run.yaml for merge / chat to find."""
     return {"model": cfg.model_name_or_path, "tokenizer": cfg.tokenizer_name_or_path or cfg.model_name_or_path,
             "peft_path": cfg.peft_path or "", "base_tokenizer": cfg.base_tokenizer or ""}
 
 
-def template_for(cfg):
+def template_for(cfg: TrainConfig):
     """The config's chat template; an unknown name is an error that names the `template` key."""
     from zhtune.data.templates import get_template
 
@@ -193,7 +193,7 @@ def template_for(cfg):
 
 # --- model ------------------------------------------------------------------------------------
 
-def prepare_tokenizer(cfg, template=None):
+def prepare_tokenizer(cfg: TrainConfig, template=None):
     """The training tokenizer with the template's chat_template (and literal tokens) installed.
 
     Loaded before the model, so the data is read and validated (file:line errors) before the model takes
@@ -208,7 +208,7 @@ def prepare_tokenizer(cfg, template=None):
     return tokenizer
 
 
-def prepare_model(cfg, template=None, tokenizer=None):
+def prepare_model(cfg: TrainConfig, template=None, tokenizer=None):
     """tokenizer (+ template) -> base model -> grown vocabulary -> adapter; (tokenizer, model, expansion info).
 
     The stages pass the `tokenizer` prepare_tokenizer made, reading the data in between.
@@ -232,12 +232,16 @@ def prepare_model(cfg, template=None, tokenizer=None):
 
 # --- Trainer ----------------------------------------------------------------------------------
 
-def training_arguments(cfg, out: Path, has_eval: bool):
-    """TrainingArguments from the config (+ training_args passed through, checked against transformers)."""
+def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, args_class=None, **stage_args):
+    """The trainer's arguments, built once from the config: transformers' TrainingArguments, or the
+    `args_class` a stage trains with (TRL's DPOConfig / ORPOConfig / CPOConfig, which extend it) with
+    `stage_args` (beta, loss_type, ...). `training_args` passes any other field of that class through,
+    checked by name."""
     from transformers import TrainingArguments
 
     from zhtune.model.load import device_kind, mixed_precision
 
+    args_class = args_class or TrainingArguments
     bf16, fp16 = mixed_precision(cfg)
     _check_reporters(cfg.report_to)
     kwargs: dict[str, Any] = dict(
@@ -256,20 +260,22 @@ def training_arguments(cfg, out: Path, has_eval: bool):
         deepspeed=cfg.deepspeed, fsdp=cfg.fsdp or "", fsdp_config=cfg.fsdp_config,
         use_cpu=device_kind() == "cpu", include_num_input_tokens_seen=True,
         ddp_find_unused_parameters=False if cfg.finetuning_type != "full" else None,
+        **stage_args,
     )
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = args_class.__name__
+    known = {f.name for f in dataclasses.fields(args_class) if f.init}
     for key, value in cfg.training_args.items():
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
-            raise ZhtuneError(f"unknown TrainingArguments key {key!r}", where=f"training_args.{key}",
-                              expected="a transformers TrainingArguments field",
+            raise ZhtuneError(f"unknown {name} key {key!r}", where=f"training_args.{key}",
+                              expected=f"a field of {name}",
                               hint=f"did you mean {close[0]!r}?" if close else None)
         kwargs[key] = value
     try:
-        return TrainingArguments(**kwargs)
+        return args_class(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ZhtuneError(f"invalid training arguments: {exc}", where="config",
-                          expected="values transformers' TrainingArguments accepts") from None
+                          expected=f"values {name} accepts") from None
 
 
 def _check_reporters(report_to: list[str]) -> None:
@@ -283,7 +289,7 @@ def _check_reporters(report_to: list[str]) -> None:
                               where="report_to", expected=f"pip install {module}, or report_to=none")
 
 
-def make_trainer(cfg, model, tokenizer, data, out: Path, trainer_cls=None, **extra):
+def make_trainer(cfg: TrainConfig, model, tokenizer, data, out: Path, trainer_cls=None, **extra):
     """A transformers Trainer (or `trainer_cls`) over the bundle, with our callbacks."""
     from transformers import Trainer
 
@@ -326,7 +332,8 @@ def save_tokenizer(tokenizer, source: str, folder: Path) -> None:
         atomic_write_json(dst_cfg, saved)
 
 
-def save_outputs(trainer, cfg, tokenizer, out: Path, metrics: dict[str, dict], parents: dict[str, str]) -> Path:
+def save_outputs(trainer, cfg: TrainConfig, tokenizer, out: Path, metrics: dict[str, dict],
+                 parents: dict[str, str]) -> Path:
     """Results json, trainer_state.json, loss plot, and the adapter (or full model) folder, atomically."""
     from zhtune.train.callbacks import plot_loss
 

@@ -16,10 +16,9 @@ rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins, traini
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from zhtune.errors import ZhtuneError
+from zhtune.config import TrainConfig
 from zhtune.train.callbacks import describe_outputs, describe_setup
 from zhtune.train.common import (prepare_model, prepare_output_dir, prepare_tokenizer, record_run, run_parents,
                                  save_outputs, train_and_evaluate, training_arguments)
@@ -28,7 +27,7 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 REFERENCE_FREE = ("orpo", "simpo")
 
 
-def prepare_policy(cfg, template, tokenizer=None):
+def prepare_policy(cfg: TrainConfig, template, tokenizer=None):
     """(tokenizer, model, expansion, peft_config): a new LoRA adapter is handed to TRL as a config so
     that TRL's reference pass is the model with the adapter disabled."""
     tokenizer, model, expansion = prepare_model(cfg, template, tokenizer)
@@ -40,31 +39,25 @@ def prepare_policy(cfg, template, tokenizer=None):
     return tokenizer, model.unload(), expansion, peft_config
 
 
-def preference_arguments(cfg, out: Path, has_eval: bool):
-    """DPOConfig (or ORPOConfig / CPOConfig) = the TrainingArguments of every stage + the loss settings."""
-    base = training_arguments(cfg, out, has_eval)
-    kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init and hasattr(base, f.name)}
-    kwargs.update(beta=cfg.pref_beta, max_length=cfg.cutoff_len, disable_dropout=True)
-    try:
-        if cfg.pref_loss == "orpo":
-            from trl.experimental.orpo import ORPOConfig
+def preference_arguments(cfg: TrainConfig, out: Path, has_eval: bool):
+    """DPOConfig (or ORPOConfig / CPOConfig): the arguments every stage trains with + the loss settings."""
+    loss = dict(beta=cfg.pref_beta, max_length=cfg.cutoff_len, disable_dropout=True)
+    if cfg.pref_loss == "orpo":
+        from trl.experimental.orpo import ORPOConfig
 
-            return ORPOConfig(**kwargs)
-        if cfg.pref_loss == "simpo":
-            from trl.experimental.cpo import CPOConfig
+        return training_arguments(cfg, out, has_eval, ORPOConfig, **loss)
+    if cfg.pref_loss == "simpo":
+        from trl.experimental.cpo import CPOConfig
 
-            # SimPO = CPO's simpo loss without the NLL term (cpo_alpha=0); gamma: the target margin
-            return CPOConfig(**kwargs, loss_type="simpo", cpo_alpha=0.0)
-        from trl import DPOConfig
+        # SimPO = CPO's simpo loss without the NLL term (cpo_alpha=0); gamma: the target margin
+        return training_arguments(cfg, out, has_eval, CPOConfig, **loss, loss_type="simpo", cpo_alpha=0.0)
+    from trl import DPOConfig
 
-        return DPOConfig(**kwargs, loss_type=[cfg.pref_loss], truncation_mode="keep_start",
-                         precompute_ref_log_probs=cfg.finetuning_type == "full")
-    except (ValueError, TypeError) as exc:
-        raise ZhtuneError(f"invalid preference-tuning arguments: {exc}", where="config",
-                          expected="values TRL's DPOConfig accepts") from None
+    return training_arguments(cfg, out, has_eval, DPOConfig, **loss, loss_type=[cfg.pref_loss],
+                              truncation_mode="keep_start", precompute_ref_log_probs=cfg.finetuning_type == "full")
 
 
-def make_preference_trainer(cfg, model, tokenizer, data, out: Path, peft_config=None):
+def make_preference_trainer(cfg: TrainConfig, model, tokenizer, data, out: Path, peft_config=None):
     """TRL's DPOTrainer on our pre-tokenised pairs (or ORPO / CPO-SimPO on the rendered texts)."""
     from trl import DPOTrainer
 
@@ -113,7 +106,7 @@ def reward_metrics(log_history: list[dict]) -> dict[str, dict]:
     return out
 
 
-def run(cfg) -> Path:
+def run(cfg: TrainConfig) -> Path:
     from zhtune.data.preference import build_preference_dataset
     from zhtune.data.templates import get_template
     from zhtune.model.adapter import adapter_summary
@@ -151,7 +144,7 @@ def run(cfg) -> Path:
     return folder
 
 
-def _describe_reference(cfg, trainer) -> str:
+def _describe_reference(cfg: TrainConfig, trainer) -> str:
     if cfg.pref_loss in REFERENCE_FREE:
         return "none (reference-free 无需参考模型)"
     if getattr(trainer, "ref_model", None) is not None:

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zhtune.config import TrainConfig
 from zhtune.errors import ZhtuneError
 from zhtune.io import read_json
 from zhtune.model.load import check_architecture
@@ -175,7 +176,7 @@ def _zero_from_file(path: str) -> tuple[int, bool, bool]:
     return int(zero.get("stage", 0)), offloaded("offload_optimizer"), offloaded("offload_param")
 
 
-def plan_from_config(cfg, num_gpus: int = 1, grew: bool = False) -> Plan:
+def plan_from_config(cfg: TrainConfig, num_gpus: int = 1, grew: bool = False) -> Plan:
     """A TrainConfig -> Plan. `grew`: the tokenizer is larger than the model (embeddings get trained)."""
     stage, off_opt, off_par = _zero_from_file(cfg.deepspeed) if cfg.deepspeed else (0, False, False)
     save, rank, wanted = cfg.modules_to_save, cfg.lora_rank, list(cfg.lora_target)

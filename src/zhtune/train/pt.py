@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zhtune.config import TrainConfig
 from zhtune.train.callbacks import describe_outputs, describe_setup
 from zhtune.train.common import (make_trainer, prepare_model, prepare_output_dir, prepare_tokenizer, record_run,
                                  run_parents, save_outputs, template_for, train_and_evaluate)
 
 
-def run(cfg) -> Path:
+def run(cfg: TrainConfig) -> Path:
     from zhtune.data.pretrain import build_pretrain_dataset
     from zhtune.model.adapter import adapter_summary
 
