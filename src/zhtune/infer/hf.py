@@ -168,6 +168,20 @@ def _apply_adapters(model, spec: ModelSpec, tokenizer_len: int):
     return model
 
 
+def _shared_prefix(rows: list[list[int]], least: int = 16) -> int:
+    """Tokens every row starts with, leaving each row at least one of its own (0 when under `least`:
+    a short prefix is not worth a second forward)."""
+    if len(rows) < 2:
+        return 0
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= least else 0
+
+
 # --- per-request state -------------------------------------------------------------------------
 
 @dataclass(eq=False)   # identity, not field, equality: rows are looked up by object
@@ -263,18 +277,21 @@ class HFEngine(Engine):
 
     def score(self, sequences: list[list[int]], prompt: bool = True, top_k: int = 0,
               candidates: list[int] | tuple[int, ...] = ()) -> list[Scored]:
-        """Left-padded batches, shortest first (little padding); a forward holds the model lock between
-        decode steps, as embed() does, so scoring and serving share the model."""
+        """Batches of sequences sorted by their ids, so prompts that share a prefix (a benchmark's
+        header and few-shot examples) land together and the prefix is computed once per batch; a forward
+        holds the model lock between decode steps, as embed() does, so scoring and serving share it."""
         self.check_score(sequences, top_k, candidates)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        order = sorted(range(len(sequences)), key=lambda i: sequences[i])
         results: list[Scored | None] = [None] * len(sequences)
         budget = SCORE_TOKENS if not prompt else max(1, min(SCORE_TOKENS, SCORE_LOGITS // self.vocab_size))
         start = 0
         while start < len(order):
-            end = start + 1   # sorted: the last row of a chunk is its widest
-            while (end < len(order) and end - start < SCORE_ROWS
-                   and (end + 1 - start) * len(sequences[order[end]]) <= budget):
-                end += 1
+            end, width = start + 1, len(sequences[order[start]])
+            while end < len(order) and end - start < SCORE_ROWS:
+                wider = max(width, len(sequences[order[end]]))
+                if (end + 1 - start) * wider > budget:
+                    break
+                end, width = end + 1, wider
             chunk = [sequences[i] for i in order[start:end]]
             for i, scored in zip(order[start:end], self._score_batch(chunk, prompt, top_k, list(candidates))):
                 results[i] = scored
@@ -283,12 +300,24 @@ class HFEngine(Engine):
 
     def _score_batch(self, chunk: list[list[int]], prompt: bool, top_k: int, candidates: list[int]) -> list[Scored]:
         torch = self._torch
-        width = max(len(ids) for ids in chunk)
-        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in chunk], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=self.device)
+        shared = 0 if prompt else _shared_prefix(chunk)
+        rest = [r[shared:] for r in chunk]
+        width = max(len(r) for r in rest)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rest], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.device)
         with self._lock, torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                                use_cache=False, logits_to_keep=0 if prompt else 1).logits   # [B, W or 1, V]
+            cache = None
+            if shared:   # the shared prefix once; its KV cache repeated for every row
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                self.model(input_ids=ids.new_tensor([chunk[0][:shared]]), past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+                cache.batch_repeat_interleave(len(chunk))
+            full_mask = torch.cat([mask.new_ones(len(chunk), shared), mask], 1)
+            logits = self.model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=shared > 0,
+                                position_ids=shared + (mask.cumsum(-1) - 1).clamp(min=0),
+                                logits_to_keep=0 if prompt else 1).logits                    # [B, W or 1, V]
             out = []
             for b, row in enumerate(chunk):
                 last = logits[b, -1].float().log_softmax(-1)                                     # [V]
