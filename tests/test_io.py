@@ -187,3 +187,14 @@ def test_outputs_get_the_usual_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "out" / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_output_under_a_file_is_named_not_a_traceback(tmp_path):
+    from zhtune.io import output_lock
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ZhtuneError) as exc:
+        with output_lock(tmp_path / "notes.txt" / "out"):
+            pass
+    assert "cannot write in" in exc.value.what and str(tmp_path / "notes.txt") in exc.value.what
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -100,9 +100,14 @@ def output_lock(path: str | os.PathLike, where: str = "--output", log: Any = Non
             _HELD[lock][1] -= 1
         return
     created = [d for d in (output.parent, *output.parent.parents) if not d.exists()]
-    output.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only folder, a file where a folder should be, ...
+            _remove_empty(created)
+            raise ZhtuneError(f"cannot write in {output.parent}: {exc.strerror or exc}", where=where,
+                              expected="an output path in a folder you can write to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
