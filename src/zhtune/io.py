@@ -209,6 +209,22 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, *, flag: 
     return path
 
 
+def check_output_file(path: Path, overwrite: bool, magic: bytes, what: str, where: str = "--output") -> None:
+    """Before the work: a new file path, or (with --overwrite) a file of the kind zhtune writes there (it
+    starts with `magic`); a folder, or anything else in the way, is the user's and is never replaced."""
+    if path.is_dir():  # a rename onto a folder would fail only at the very end
+        raise ZhtuneError(f"output path is a folder: {path}", where=where, expected=f"a {what} file path")
+    if path.exists() and not overwrite:
+        raise ZhtuneError(f"output file exists: {path}", where=where, expected="a new file path",
+                          hint="choose another path or pass --overwrite")
+    if path.exists():
+        with open(path, "rb") as fh:
+            if fh.read(len(magic)) != magic:
+                raise ZhtuneError(f"--overwrite would replace {path}, which is not a {what} zhtune wrote", where=where,
+                                  expected=f"a new path, or a {what} an earlier zhtune run wrote",
+                                  hint="move that file away or choose another output path")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--overwrite",
                       owned: bool = False, log: Any = None) -> Iterator[Path]:

@@ -201,8 +201,8 @@ def test_export_gguf_output_checked_before_the_work(tmp_path, tiny_model_dir, ca
     assert "not a GGUF file" in capsys.readouterr().err and mine.read_text() == "not a model"
     own = tmp_path / "x.gguf"
     (tmp_path / "x.gguf.Modelfile").write_text("FROM llama3\n# my own")
-    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(own)]) == 2
-    assert "zhtune did not write it" in capsys.readouterr().err and not own.exists()
+    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--output", str(own), "--overwrite"]) == 2
+    assert "not a Modelfile zhtune wrote" in capsys.readouterr().err and not own.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "notes.gguf", "x.gguf.Modelfile"]
 
 

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from zhtune.args import zhtune_command
 from zhtune.errors import ZhtuneError
-from zhtune.io import current_umask, output_lock
+from zhtune.io import check_output_file, current_umask, output_lock
 
+MODELFILE_HEADER = "# Ollama Modelfile written by zhtune"
 DIRECT = ("f32", "f16", "bf16")  # written by us; everything else by llama.cpp's quantizer
 QUANTS = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1",
           "q3_k_m", "q3_k_s", "q3_k_l", "q2_k", "iq4_nl", "iq4_xs")
@@ -356,31 +359,10 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, quant: str = "f1
     if out.suffix != ".gguf":
         raise ZhtuneError(f"output must end in .gguf: {out}", where="--output", expected="FILE.gguf")
     with output_lock(out, log=log):  # a second export to the same file is refused by name; stale temps go
-        _check_output_file(out, model_dir, overwrite, modelfile)
+        check_output_file(out, overwrite, b"GGUF", "GGUF file")  # before the work; --overwrite: only a GGUF
+        if modelfile:  # the Modelfile beside it: the same rule
+            check_output_file(Path(f"{out}.Modelfile"), overwrite, MODELFILE_HEADER.encode(), "Modelfile")
         return _export(model_dir, out, quant, verify, modelfile, log)
-
-
-def _check_output_file(out: Path, model_dir: Path, overwrite: bool, modelfile: bool) -> None:
-    """Before the work: the output is a new file path, or (with --overwrite) a GGUF file and a Modelfile that
-    zhtune wrote; anything else there is the user's and is never replaced."""
-    if out.is_dir():  # a rename onto a folder would fail only at the very end
-        raise ZhtuneError(f"output path is a folder: {out}", where="--output",
-                          expected="a .gguf file path", hint=f"e.g. --output {out / (model_dir.name + '.gguf')}")
-    if out.exists() and not overwrite:
-        raise ZhtuneError(f"output file exists: {out}", where="--output", expected="a new file path",
-                          hint="choose another path or pass --overwrite")
-    if out.exists():
-        with open(out, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise ZhtuneError(f"--overwrite would replace {out}, which is not a GGUF file", where="--output",
-                                  expected="a new path, or a .gguf an earlier export wrote",
-                                  hint="move that file away or choose another output path")
-    modelfile_path = out.with_name(out.name + ".Modelfile")
-    ours = modelfile_path.is_file() and modelfile_path.read_bytes().startswith(MODELFILE_HEADER.encode())
-    if modelfile and modelfile_path.exists() and (not overwrite or not ours):
-        raise ZhtuneError(f"{modelfile_path} exists and zhtune did not write it", where="--output",
-                          expected="no file where the Ollama Modelfile goes",
-                          hint="move it away, choose another output path, or pass --no-modelfile")
 
 
 def _export(model_dir: Path, out: Path, quant: str, verify: bool, modelfile: bool, log) -> Path:
@@ -417,17 +399,12 @@ def _export(model_dir: Path, out: Path, quant: str, verify: bool, modelfile: boo
         raise
     if modelfile:
         write_modelfile(out, model_dir)
-    log(f"已导出 exported {out} in {time.time() - t0:.1f}s")
-    from zhtune.args import zhtune_command
-
-    log(f"下一步 next: {zhtune_command('chat', '--model', out)}" + (
-        f"   ·   {ollama_create_line(out)}" if modelfile else ""))
+    hint = f"   ·   {ollama_create_line(out)}" if modelfile else ""
+    log(f"已导出 exported {out} in {time.time() - t0:.1f}s\n下一步 next: {zhtune_command('chat', '--model', out)}{hint}")
     return out
 
 
 # ---- Ollama ------------------------------------------------------------------------------------
-MODELFILE_HEADER = "# Ollama Modelfile written by zhtune"
-
 def ollama_template(template, bos: str = "<s>", eos: str = "</s>") -> str:
     """The training template as an Ollama (Go text/template) TEMPLATE over .System and .Messages."""
     def lit(fmt: str, content: str = "", system: str = "") -> str:
@@ -466,10 +443,7 @@ def _special_tokens(model_dir: Path) -> tuple[str, str]:
 
 def ollama_create_line(gguf_file: Path) -> str:
     """The `ollama create` command for the Modelfile beside `gguf_file`, quoted for the shell."""
-    import shlex
-
-    return shlex.join(["ollama", "create", gguf_file.stem.split(".")[0] or "model", "-f",
-                       str(gguf_file.with_name(gguf_file.name + ".Modelfile"))])
+    return shlex.join(["ollama", "create", gguf_file.stem.split(".")[0] or "model", "-f", f"{gguf_file}.Modelfile"])
 
 
 def write_modelfile(gguf_file: Path, model_dir: Path) -> Path:

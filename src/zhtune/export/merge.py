@@ -241,7 +241,9 @@ def check_bases(base: Path, adapters: list[Adapter], force: bool, log=print) -> 
             trained[k] = found
             if found == base.resolve() or _merge_output_of(found, base, [a.path for a in adapters[:k]]):
                 continue
-            differs = _weights_differ(found, base, [n for n in ad.lora if n in WeightReader(base).names()])
+            names = WeightReader(base).names()
+            probes = [n for n in ad.lora if n in names] + [n for n in names if n.endswith("proj.weight")][:1]
+            differs = _weights_differ(found, base, probes)
             if differs is None:
                 continue  # a copy of the same model under another path
             problem = (f"adapter {ad.path} was trained on {found} (vocabulary {_vocab_rows(found)}), "

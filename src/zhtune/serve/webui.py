@@ -177,15 +177,15 @@ def build_parser():
 def main(argv: list[str]) -> int:
     from zhtune.infer.options import engine_from_args, params_from_args
 
+    from zhtune.serve.runner import check_port_free
+
     args = build_parser().parse_args(argv)
     defaults = params_from_args(args, "webui")
+    check_port_free(args.host, args.port)  # a busy port is named before gradio and the model load
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise ZhtuneError("zhtune webui needs gradio", hint="pip install 'zhtune[webui]'") from None
-    from zhtune.serve.runner import check_port_free
-
-    check_port_free(args.host, args.port)  # a busy port is named before the model loads
     print(f"加载模型 loading {args.model} ...", file=sys.stderr, flush=True)
     with engine_from_args(args) as engine:
         app = build_app(engine, args.system, defaults)
