@@ -399,8 +399,8 @@ def _export(model_dir: Path, out: Path, quant: str, verify: bool, modelfile: boo
         raise
     if modelfile:
         write_modelfile(out, model_dir)
-    hint = f"   ·   {ollama_create_line(out)}" if modelfile else ""
-    log(f"已导出 exported {out} in {time.time() - t0:.1f}s\n下一步 next: {zhtune_command('chat', '--model', out)}{hint}")
+    hint = zhtune_command("chat", "--model", out) + (f"   ·   {ollama_create_line(out)}" if modelfile else "")
+    log(f"已导出 exported {out} in {time.time() - t0:.1f}s\n下一步 next: {hint}")
     return out
 
 
