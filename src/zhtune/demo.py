@@ -305,7 +305,8 @@ def main(argv: list[str]) -> int:
         """,
     )
     parser.add_argument("--workdir", default="zhtune-demo", help="folder for everything the demo writes")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing work folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the folder of an earlier demo (never other files)")
     parser.add_argument("--steps", default="", metavar="pt=N,sft=N,dpo=N",
                         help="training steps per stage (fewer: quicker, and the answers may be wrong)")
     args = parser.parse_args(argv)

@@ -493,7 +493,8 @@ def main(argv: list[str]) -> int:
                         help="f32 | f16 | bf16 | q8_0 | q4_k_m | q5_k_m | ...")
     parser.add_argument("--verify", action="store_true", help="load with llama.cpp and compare with transformers")
     parser.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a GGUF file (and Modelfile) an earlier export wrote")
     args = parser.parse_args(argv)
     export_gguf(args.model, args.output, args.quant, args.verify, args.overwrite, not args.no_modelfile)
     return 0

@@ -317,7 +317,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-shard-size", default="2GB", type=parse_size, help="largest output shard")
     parser.add_argument("--context-length", type=int, default=None,
                         help="max_position_embeddings; None: 2048 for LLaMA-1, 4096 for later ones")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output folder an earlier zhtune run wrote (never other files)")
     args = parser.parse_args(argv)
     import torch
 

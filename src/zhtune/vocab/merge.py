@@ -213,7 +213,8 @@ def build_parser():
     p.add_argument("--name", default="chinese_llama", help="file name of the merged SentencePiece model")
     p.add_argument("--check-text", action="append", default=[], metavar="FILE",
                    help="more text for the after-merge checks (besides zhtune's held-out texts and edge cases)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder an earlier zhtune run wrote (never other files)")
     return p
 
 

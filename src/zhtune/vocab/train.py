@@ -259,7 +259,8 @@ def build_parser():
     p.add_argument("--base", default=None, metavar="TOKENIZER",
                    help="the base the vocabulary will be merged into: a byte-level BPE base (tokenizer.json) "
                         "gets tokens in its own byte alphabet and pre-tokenizer; SentencePiece or none: zh_sp.model")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder an earlier zhtune run wrote (never other files)")
     return p
 
 
