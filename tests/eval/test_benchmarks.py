@@ -150,3 +150,8 @@ def test_empty_folder_and_wrong_kind(tiny_model_dir, tmp_path, capsys):
     assert run_eval("--model", tiny_model_dir, "--model", tiny_model_dir, "--task", "ceval",
                     "--data", tmp_path / "empty") == 2
     assert "--model" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    assert run_eval("--model", tiny_model_dir, "--task", "mmlu", "--data", tmp_path / "empty",
+                    "--output", blocked / "r.json") == 2   # checked before any work, not after it
+    assert "--output" in capsys.readouterr().err

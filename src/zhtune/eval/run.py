@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from zhtune.errors import ZhtuneError
@@ -85,8 +86,23 @@ def _check(args: argparse.Namespace) -> None:
     if args.task in ("ppl", "generate") and (args.shots or args.subjects or args.split or args.mode != "logprob"):
         raise ZhtuneError(f"--shots/--subjects/--split/--mode are for benchmarks, not --task {args.task}",
                           where="--task", expected="ceval | cmmlu | mmlu with those flags")
-    if args.output is not None and args.output.is_dir():
-        raise ZhtuneError(f"--output is a folder: {args.output}", where="--output", expected="a .json file path")
+    if args.output is not None:
+        _check_output(args.output)
+
+
+def _check_output(path: Path) -> None:
+    """--output can be written (checked now, not after the whole evaluation); nothing is created yet."""
+    if path.is_dir():
+        raise ZhtuneError(f"--output is a folder: {path}", where="--output", expected="a .json file path")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    try:   # a real try (root passes every permission check, yet cannot write into /proc)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ZhtuneError(f"cannot write {path}: {exc.strerror} in {folder}", where="--output",
+                          expected="a path in a folder you can write") from None
 
 
 def _write(path: Path | None, result: dict) -> None:

@@ -27,6 +27,7 @@ HOLD_LIMIT = 6   # a UTF-8 character is at most 4 byte tokens: release text held
 SCORE_TOKENS = 8192
 SCORE_LOGITS = 2**27
 SCORE_ROWS = 64
+SHARED_MIN = 16    # a prefix at least this long shared by a whole batch runs once (KV cache repeated)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -168,18 +169,23 @@ def _apply_adapters(model, spec: ModelSpec, tokenizer_len: int):
     return model
 
 
-def _shared_prefix(rows: list[list[int]], least: int = 16) -> int:
-    """Tokens every row starts with, leaving each row at least one of its own (0 when under `least`:
-    a short prefix is not worth a second forward)."""
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _shared_prefix(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one of its own (0 under SHARED_MIN: a
+    short prefix is not worth a second forward)."""
     if len(rows) < 2:
         return 0
-    first, n = rows[0], min(len(r) for r in rows) - 1
-    for r in rows[1:]:
-        k = 0
-        while k < n and r[k] == first[k]:
-            k += 1
-        n = k
-    return n if n >= least else 0
+    n = min([len(r) for r in rows] + [_common(rows[0], r) + 1 for r in rows[1:]]) - 1
+    return n if n >= SHARED_MIN else 0
 
 
 # --- per-request state -------------------------------------------------------------------------
@@ -278,20 +284,24 @@ class HFEngine(Engine):
     def score(self, sequences: list[list[int]], prompt: bool = True, top_k: int = 0,
               candidates: list[int] | tuple[int, ...] = ()) -> list[Scored]:
         """Batches of sequences sorted by their ids, so prompts that share a prefix (a benchmark's
-        header and few-shot examples) land together and the prefix is computed once per batch; a forward
-        holds the model lock between decode steps, as embed() does, so scoring and serving share it."""
+        header and few-shot examples) land together and the prefix runs once per batch; a forward holds
+        the model lock between decode steps, as embed() does, so scoring and serving share the model."""
         self.check_score(sequences, top_k, candidates)
         order = sorted(range(len(sequences)), key=lambda i: sequences[i])
         results: list[Scored | None] = [None] * len(sequences)
         budget = SCORE_TOKENS if not prompt else max(1, min(SCORE_TOKENS, SCORE_LOGITS // self.vocab_size))
         start = 0
         while start < len(order):
-            end, width = start + 1, len(sequences[order[start]])
+            first = sequences[order[start]]
+            end, width, shared = start + 1, len(first), len(first)
             while end < len(order) and end - start < SCORE_ROWS:
-                wider = max(width, len(sequences[order[end]]))
-                if (end + 1 - start) * wider > budget:
+                row = sequences[order[end]]
+                common = _common(first, row)
+                if end - start >= 8 and shared >= SHARED_MIN > common:   # keep a prefix group together
                     break
-                end, width = end + 1, wider
+                if (end + 1 - start) * max(width, len(row)) > budget:
+                    break
+                end, width, shared = end + 1, max(width, len(row)), min(shared, common)
             chunk = [sequences[i] for i in order[start:end]]
             for i, scored in zip(order[start:end], self._score_batch(chunk, prompt, top_k, list(candidates))):
                 results[i] = scored
@@ -299,38 +309,48 @@ class HFEngine(Engine):
         return results  # type: ignore[return-value]
 
     def _score_batch(self, chunk: list[list[int]], prompt: bool, top_k: int, candidates: list[int]) -> list[Scored]:
+        """One forward over right-padded rows: causal attention keeps the padding after each row out of its
+        real positions, so no attention mask is needed (attention's fast path). The decoder's last hidden
+        states go through the output head only where logits are wanted (each row's last position, or all)."""
         torch = self._torch
         shared = 0 if prompt else _shared_prefix(chunk)
         rest = [r[shared:] for r in chunk]
         width = max(len(r) for r in rest)
-        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rest], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.device)
+        ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rest], device=self.device)
+        decoder, head = self._decoder_and_head()
         with self._lock, torch.inference_mode():
-            cache = None
+            kwargs: dict = {"use_cache": False}
             if shared:   # the shared prefix once; its KV cache repeated for every row
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=self.model.config)
-                self.model(input_ids=ids.new_tensor([chunk[0][:shared]]), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1)
+                decoder(input_ids=ids.new_tensor([chunk[0][:shared]]), past_key_values=cache, use_cache=True)
                 cache.batch_repeat_interleave(len(chunk))
-            full_mask = torch.cat([mask.new_ones(len(chunk), shared), mask], 1)
-            logits = self.model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=shared > 0,
-                                position_ids=shared + (mask.cumsum(-1) - 1).clamp(min=0),
-                                logits_to_keep=0 if prompt else 1).logits                    # [B, W or 1, V]
+                kwargs = {"past_key_values": cache, "use_cache": True}
+            hidden = decoder(input_ids=ids, **kwargs).last_hidden_state                         # [B, W, H]
+            if not prompt:
+                ends = torch.tensor([len(r) - 1 for r in rest], device=self.device)
+                hidden = hidden[torch.arange(len(rest), device=self.device), ends][:, None]     # [B, 1, H]
+            logits = head(hidden)                                                                # [B, W or 1, V]
             out = []
             for b, row in enumerate(chunk):
-                last = logits[b, -1].float().log_softmax(-1)                                     # [V]
+                last = logits[b, len(row) - 1 if prompt else 0].float().log_softmax(-1)         # [V]
                 nxt = {t: float(last[t]) for t in candidates}
                 if top_k:
                     values, indices = last.topk(top_k)
                     nxt.update(zip(indices.tolist(), values.tolist()))
                 tokens: list[TokenLogprob | None] = []
                 if prompt:
-                    lp = logits[b, width - len(row):-1].float().log_softmax(-1)                 # [len-1, V]
-                    tokens = [None, *top_logprobs(torch, lp, ids[b, width - len(row) + 1:], top_k)]
+                    lp = logits[b, :len(row) - 1].float().log_softmax(-1)                        # [len-1, V]
+                    tokens = [None, *top_logprobs(torch, lp, ids[b, 1:len(row)], top_k)]
                 out.append(Scored(tokens, nxt))
         return out
+
+    def _decoder_and_head(self):
+        """The transformer body and the output head of the (possibly adapter-wrapped) causal LM: logits
+        are head(last hidden state) in every family we load (llama, mistral, qwen2, qwen3)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.get_decoder(), base.get_output_embeddings()
 
     def stream(self, prompt: Prompt, params: GenParams):
         self.check_request(params)
