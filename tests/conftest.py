@@ -35,6 +35,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory) -> Path:
+    """`zhtune train`'s tokenised-data cache (default ~/.cache/zhtune/data) goes to a session temp folder."""
+    if not os.environ.get("ZHTUNE_DATA_CACHE"):
+        os.environ["ZHTUNE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
+    return Path(os.environ["ZHTUNE_DATA_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     return tiny.ASSETS

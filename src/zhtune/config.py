@@ -275,6 +275,10 @@ class TrainConfig:
     max_samples: Optional[int] = opt(None, "use at most this many records per dataset (quick runs)")
     data_cache: Optional[str] = opt(None, "folder for the tokenised dataset cache (reused across runs)")
     preprocessing_num_workers: Optional[int] = opt(None, "processes for tokenisation (datasets.map num_proc)")
+    streaming: bool = opt(False, "pt: tokenise and pack while training instead of preparing the cache first "
+                                 "(corpora larger than the disk); needs max_steps")
+    strict: bool = opt(False, "turn any skipped record (empty text or answer, no answer within cutoff_len, "
+                              "chosen == rejected) into an error")
     # preference tuning
     pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = opt("sigmoid", "dpo loss type")
     pref_beta: float = opt(0.1, "beta of the preference loss")

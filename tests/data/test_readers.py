@@ -114,7 +114,7 @@ def test_missing_empty_and_unsupported_paths(tmp_path):
     with pytest.raises(ZhtuneError, match="dataset path not found.*nope.jsonl"):
         list(read_records([str(tmp_path / "nope.jsonl")]))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ZhtuneError, match="no .txt/.json/.jsonl files"):
+    with pytest.raises(ZhtuneError, match="no readable data files"):
         list(read_records([str(tmp_path / "empty")]))
     (tmp_path / "blank.jsonl").write_text("\n\n", encoding="utf-8")
     with pytest.raises(ZhtuneError, match="no records"):

@@ -152,7 +152,9 @@ def test_a_failed_build_leaves_nothing_in_the_cache(tmp_path, tok):
     cache = tmp_path / "cache"
     with pytest.raises(ZhtuneError):
         build_sft_dataset(cfg(dataset=[str(p)], data_cache=str(cache)), tok, get_template("default"))
-    assert list(cache.iterdir()) == []
+    # what finished (the tokenised parts in units/) stays for the next run; nothing half-written anywhere
+    assert [p.name for p in cache.iterdir()] == ["units"]
+    assert not [p for p in cache.rglob("*") if ".tmp" in p.name or ".lock" in p.name]
 
 
 def test_collator_pads_unpacked_rows_with_an_attention_mask(tmp_path, tok, sft_qa):

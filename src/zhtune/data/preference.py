@@ -20,13 +20,16 @@ room under cutoff_len are skipped and counted (each reason with its first file:l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterator
 
-from zhtune.config import TrainConfig
+from zhtune.data.prepare import Counts, DatasetBundle, prepare
 from zhtune.data.readers import (
-    ASSISTANT_ROLES, DatasetBundle, Record, SkipCounter, _field, _turns, cache_key, cached_build, detect_format,
-    fingerprint_entries, history_messages, read_records, split_validation, tokenizer_fingerprint,
+    ASSISTANT_ROLES, Record, _field, _turns, detect_format, history_messages, tokenizer_fingerprint,
 )
+from zhtune.data.sft import check_split_options, source_file
 from zhtune.errors import ZhtuneError
+
+BATCH_PAIRS = 256                    # pairs tokenised per call
 
 
 @dataclass
@@ -52,8 +55,7 @@ def _answer(rec: Record, key: str) -> str:
                               expected=f"{key}: the assistant's answer (a string or an assistant message)")
     if value is None:
         raise ZhtuneError(f"record has no {key!r} field (keys: {sorted(rec.data)})", where=rec.source,
-                          expected="prompt, chosen and rejected",
-                          hint="map your field names with columns={ours: yours}")
+                          expected="prompt, chosen and rejected", hint="map your field names with columns={ours: yours}")
     if not isinstance(value, str):
         raise ZhtuneError(f"field {key!r} is a {type(value).__name__}", where=rec.source,
                           expected=f"{key}: a string, or one assistant message {{role, content}}")
@@ -116,31 +118,23 @@ def to_pair(rec: Record) -> Pair:
     return Pair(rec.source, context, chosen, rejected)
 
 
-def load_pairs(entries: list[str], cfg: TrainConfig, skips: SkipCounter,
-               where: str = "dataset") -> tuple[list[Pair], dict]:
-    """Files -> valid Pairs; empty fields and identical answers are skipped and counted."""
-    pairs, formats, n_read = [], {}, 0
-    for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples):
-        file = rec.source.rsplit(":", 1)[0]
-        fmt = formats.get(file) or formats.setdefault(file, detect_format(rec, cfg.format))
-        if fmt != "preference" and not ("chosen" in rec.data or "rejected" in rec.data):
-            raise ZhtuneError(f"a {fmt} record cannot be used for preference tuning", where=rec.source,
-                              expected="records with chosen and rejected answers (prompt/chosen/rejected)",
-                              hint="stage=sft trains on single answers")
-        pair = to_pair(rec)
-        n_read += 1
-        if not pair.chosen.strip() or not pair.rejected.strip():
-            skips.add("empty chosen or rejected", rec.source)
-        elif not pair.context[-1]["content"].strip():
-            skips.add("empty prompt", rec.source)
-        elif pair.chosen.strip() == pair.rejected.strip():
-            skips.add("chosen identical to rejected", rec.source)
-        else:
-            pairs.append(pair)
-    if not pairs:
-        raise ZhtuneError("every preference record was skipped: " + skips.describe(), where=where,
-                          expected="pairs whose chosen and rejected answers are non-empty and different")
-    return pairs, {"records": n_read, "formats": sorted(set(formats.values()))}
+def pair_of(rec: Record, fmt: str) -> Pair:
+    """A preference record -> Pair; other record kinds are refused with their file:line."""
+    if fmt != "preference" and not ("chosen" in rec.data or "rejected" in rec.data):
+        raise ZhtuneError(f"a {fmt} record cannot be used for preference tuning", where=rec.source,
+                          expected="records with chosen and rejected answers (prompt/chosen/rejected)",
+                          hint="stage=sft trains on single answers")
+    return to_pair(rec)
+
+
+def skip_reason(pair: Pair) -> str | None:
+    if not pair.chosen.strip() or not pair.rejected.strip():
+        return "empty chosen or rejected"
+    if not pair.context[-1]["content"].strip():
+        return "empty prompt"
+    if pair.chosen.strip() == pair.rejected.strip():
+        return "chosen identical to rejected"
+    return None
 
 
 # --- pairs -> token ids ----------------------------------------------------------------------------
@@ -153,15 +147,14 @@ def render_pair(pair: Pair, template, bos: str, eos: str) -> tuple[list[str], st
     return segments, chosen_pairs[-1][1], rejected_last[-1][1]
 
 
-def tokenise_pairs(pairs: list[Pair], tokenizer, template, cutoff_len: int, skips: SkipCounter) -> dict:
+def tokenise_pairs(pairs: list[Pair], tokenizer, template, cutoff_len: int, counts: Counts) -> dict:
     """Columns for TRL's DPOTrainer: prompt_ids / chosen_ids / rejected_ids (+ the texts for ORPO/SimPO).
 
     prompt + answer is cut to cutoff_len from the end of the answer (TRL's keep_start); a prompt with
-    no room left for an answer token is skipped.
+    no room left for an answer token is skipped, a cut answer counted.
     """
     bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-    out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected", "source")}
-    truncated = 0
+    out: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected")}
     rendered = [render_pair(p, template, bos, eos) for p in pairs]
     flat = [s for segs, c, r in rendered for s in (*segs, c, r)]
     encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])   # one batched call
@@ -170,65 +163,122 @@ def tokenise_pairs(pairs: list[Pair], tokenizer, template, cutoff_len: int, skip
         chosen_ids, rejected_ids = next(encoded), next(encoded)
         room = cutoff_len - len(prompt_ids)
         if room < 1:
-            skips.add(f"prompt fills cutoff_len={cutoff_len}", pair.source)
+            counts.skip(f"prompt fills cutoff_len={cutoff_len}", pair.source)
             continue
         if len(chosen_ids) > room or len(rejected_ids) > room:
-            truncated += 1
+            counts.truncate(pair.source)
         out["prompt_ids"].append(prompt_ids)
         out["chosen_ids"].append(chosen_ids[:room])
         out["rejected_ids"].append(rejected_ids[:room])
         out["prompt"].append("".join(segments))
         out["chosen"].append(chosen)
         out["rejected"].append(rejected)
-        out["source"].append(pair.source)
-    out["truncated"] = truncated
+        counts.rows += 1
+        counts.tokens += len(prompt_ids) + max(len(chosen_ids[:room]), len(rejected_ids[:room]))
     return out
 
 
-def _dataset(entries: list[str], cfg: TrainConfig, tokenizer, template, skips: SkipCounter, where: str):
-    import datasets
+class PairStats:
+    """Passes the pairs through and measures them (prompt + the longer answer)."""
 
-    pairs, counts = load_pairs(entries, cfg, skips, where)
-    columns = tokenise_pairs(pairs, tokenizer, template, cfg.cutoff_len, skips)
-    counts["truncated"] = columns.pop("truncated")
-    if not columns["source"]:
-        raise ZhtuneError("every preference record was skipped: " + skips.describe(), where=where,
-                          expected=f"prompts shorter than cutoff_len={cfg.cutoff_len} tokens",
-                          hint="raise cutoff_len (alias max_seq_length)")
-    return datasets.Dataset.from_dict(columns), counts
+    def __init__(self):
+        self.pairs = self.max_tokens = self.total = 0
+
+    def add(self, table) -> Any:
+        if table is None or table.num_rows == 0:
+            return None
+        import numpy as np
+        import pyarrow.compute as pc
+
+        lengths = [pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False)
+                   for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        total = lengths[0] + np.maximum(lengths[1], lengths[2])
+        self.pairs += len(total)
+        self.max_tokens = max(self.max_tokens, int(total.max()))
+        self.total += int(total.sum())
+        return table
+
+    def flush(self) -> None:
+        return None
+
+    def stats(self) -> dict:
+        if not self.pairs:
+            return {}
+        return {"pairs": self.pairs, "max_tokens": self.max_tokens, "mean_tokens": round(self.total / self.pairs, 1)}
 
 
-def _stats(ds) -> dict:
-    if ds is None:
+@dataclass
+class PreferenceSpec:
+    """What stage dpo does with records (see data/prepare.py for the protocol)."""
+
+    tokenizer: Any
+    template: Any
+    fmt: str
+    columns: dict
+    cutoff_len: int
+    name: str = "dpo"
+
+    def __post_init__(self):
+        import datasets
+
+        ints, text = datasets.List(datasets.Value("int32")), datasets.Value("string")
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.features = datasets.Features({"prompt_ids": ints, "chosen_ids": ints, "rejected_ids": ints,
+                                           "prompt": text, "chosen": text, "rejected": text})
+        self.final_features = self.features
+
+    def key_parts(self) -> dict:
+        return {"stage": "dpo-pairs", "tokenizer": self.fingerprint, "template": self.template, "format": self.fmt,
+                "columns": self.columns, "cutoff_len": self.cutoff_len}
+
+    def final_key_parts(self) -> dict:
         return {}
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-    return {"pairs": len(ds), "max_tokens": max(lengths), "mean_tokens": round(sum(lengths) / len(lengths), 1)}
+
+    def tokenise(self, records: Iterator[Record], counts: Counts) -> Iterator[dict]:
+        """Records -> pair batches; empty fields, identical answers and full prompts are skipped and counted."""
+        formats: dict[str, str] = {}
+        pairs: list[Pair] = []
+        for rec in records:
+            file = source_file(rec.source)
+            pair = pair_of(rec, formats.get(file) or formats.setdefault(file, detect_format(rec, self.fmt)))
+            counts.records += 1
+            reason = skip_reason(pair)
+            if reason:
+                counts.skip(reason, rec.source)
+                continue
+            pairs.append(pair)
+            if len(pairs) == BATCH_PAIRS:
+                yield tokenise_pairs(pairs, self.tokenizer, self.template, self.cutoff_len, counts)
+                pairs = []
+        if pairs:
+            yield tokenise_pairs(pairs, self.tokenizer, self.template, self.cutoff_len, counts)
+        counts.formats = sorted(set(counts.formats) | set(formats.values()))
+
+    def finisher(self) -> PairStats:
+        return PairStats()
+
+    def check(self, counts: Counts, where: str) -> None:
+        if counts.rows == 0:
+            raise ZhtuneError("every preference record was skipped: " + counts.describe_skips(), where=where,
+                              expected=f"pairs whose chosen and rejected answers are non-empty and different, with "
+                                       f"prompts shorter than cutoff_len={self.cutoff_len} tokens",
+                              hint="raise cutoff_len (alias max_seq_length) if the prompts fill it")
+
+    def describe_counts(self, counts: Counts) -> dict:
+        return {"records": counts.records, "formats": counts.formats, "cutoff_len": self.cutoff_len}
+
+    def describe_split(self, n_train: int, n_eval: int) -> dict:
+        return {}
+
+    def describe_flow(self, stats: dict) -> str:
+        held = f" (+{stats['eval'].get('pairs', 0):,} eval pairs)" if stats.get("eval") else ""
+        return (f"{stats['records']:,} records → {stats.get('pairs', 0):,} pairs, {stats.get('mean_tokens', 0)} tokens "
+                f"on average, at most {stats.get('max_tokens', 0)}{held}")
 
 
-def build_preference_dataset(cfg: TrainConfig, tokenizer, template) -> DatasetBundle:
+def build_preference_dataset(cfg, tokenizer, template) -> DatasetBundle:
     """cfg.dataset (+ val_file / val_size) -> datasets of prompt/chosen/rejected ids for DPOTrainer."""
-    if cfg.val_file and cfg.val_size:
-        raise ZhtuneError("both val_file and val_size are set", where="val_file / val_size",
-                          expected="one of them: a validation file, or a fraction/count to hold out")
-    if cfg.cutoff_len < 2:
-        raise ZhtuneError(f"cutoff_len={cfg.cutoff_len}", where="cutoff_len", expected="at least 2 tokens")
-    key = cache_key({
-        "stage": "dpo", "data": fingerprint_entries(cfg.dataset, "dataset"),
-        "val": fingerprint_entries(cfg.val_file, "val_file") if cfg.val_file else None,
-        "tokenizer": tokenizer_fingerprint(tokenizer), "template": template,
-        **{k: getattr(cfg, k) for k in ("format", "columns", "max_samples", "cutoff_len", "val_size", "seed")},
-    })
-
-    def build():
-        skips = SkipCounter()
-        train, counts = _dataset(cfg.dataset, cfg, tokenizer, template, skips, "dataset")
-        if cfg.val_file:
-            eval_, _ = _dataset(cfg.val_file, cfg, tokenizer, template, SkipCounter(), "val_file")
-        else:
-            train, eval_ = split_validation(train, cfg.val_size, cfg.seed)
-        stats = {"stage": "dpo", **counts, "skipped": skips.skipped, "cutoff_len": cfg.cutoff_len,
-                 **_stats(train), "eval": _stats(eval_)}
-        return train, eval_, stats
-
-    train, eval_, stats = cached_build(cfg.data_cache, f"dpo-{key}", build)
+    check_split_options(cfg)
+    spec = PreferenceSpec(tokenizer, template, cfg.format, dict(cfg.columns), cfg.cutoff_len)
+    train, eval_, stats = prepare(spec, cfg)
     return DatasetBundle(train=train, eval=eval_, collator=None, stats=stats)

@@ -1,125 +1,190 @@
 """Continued pre-training data: plain-text documents -> token blocks of cutoff_len, EOS between documents.
 
 Called by `zhtune train stage=pt` as `build_pretrain_dataset(cfg, tokenizer)`. Documents are a line of
-a .txt file or the `text` field of a .json/.jsonl record. With packing (the default for pt) the
-documents are concatenated and cut into blocks of exactly cutoff_len tokens; position_ids restart
-at every document start, so a document never attends to the one before it in the block.
-Without packing each document is its own row (long ones split into cutoff_len pieces).
+a .txt file or the `text` field of a record. With packing (the default for pt) the documents are
+concatenated and cut into blocks of exactly cutoff_len tokens (the last may be shorter); position_ids
+restart at every document start, so a document never attends to the one before it in the block, and
+the first token of every document has no label. Without packing each document is its own row (long ones
+split into cutoff_len pieces).
+
+The corpus streams from disk (data/prepare.py): documents are tokenised in parallel into the cache, then
+cut into blocks in one ordered pass that carries the unfinished block from batch to batch (BlockPacker).
+With streaming=true nothing is cached: data/streaming.py tokenises and packs while training, the same way.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Iterator
+
 import numpy as np
 
-from zhtune.config import TrainConfig
-from zhtune.data.readers import (
-    DatasetBundle, SkipCounter, cache_key, cached_build, detect_format, fingerprint_entries, read_records,
-    split_validation, to_text, tokenizer_fingerprint,
-)
-from zhtune.data.sft import IGNORE, check_split_options, data_stats, make_collator, _num_proc
+from zhtune.data.prepare import IGNORE, Counts, DatasetBundle, prepare
+from zhtune.data.readers import Record, detect_format, to_text, tokenizer_fingerprint
+from zhtune.data.sft import check_split_options, make_collator
 from zhtune.errors import ZhtuneError
 
-
-def load_documents(entries: list[str], cfg: TrainConfig, skips: SkipCounter, where: str) -> tuple[list[str], int]:
-    """Records -> document texts; blank documents are skipped and counted."""
-    texts, n_read = [], 0
-    for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples, key=where):
-        fmt = detect_format(rec, cfg.format)
-        if fmt != "text":
-            raise ZhtuneError(f"a {fmt} record in pre-training data", where=rec.source,
-                              expected="plain text: .txt lines or {\"text\": ...} records",
-                              hint="stage=sft trains on instruction data; "
-                                   "or map your text field with columns={text: yours}")
-        text = to_text(rec)
-        n_read += 1
-        if not text.strip():
-            skips.add("empty text", rec.source)
-            continue
-        texts.append(text)
-    if not texts:
-        raise ZhtuneError("every document is empty", where=where, expected="non-empty lines or text fields")
-    return texts, n_read
+BATCH_DOCS = 1000                    # documents tokenised per call
 
 
-def tokenise_documents(batch: dict, tokenizer) -> dict:
-    """datasets.map (batched): text -> ids with BOS as the tokenizer adds it and EOS at the end."""
+def encode_documents(texts: list[str], tokenizer) -> list[list[int]]:
+    """text -> ids with BOS as the tokenizer adds it and EOS at the end."""
     eos = tokenizer.eos_token_id
-    ids = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False)["input_ids"]
     if eos is not None:
         ids = [x if x and x[-1] == eos else x + [eos] for x in ids]
-    return {"input_ids": ids}
+    return ids
 
 
-def make_blocks(ds, cutoff_len: int, packing: bool):
-    """Tokenised documents -> rows (input_ids, labels[, position_ids]), vectorised with numpy.
+def document_text(rec: Record, fmt: str) -> str:
+    """The text of a pre-training record; instruction data is refused here, with its file:line."""
+    kind = detect_format(rec, fmt)
+    if kind != "text":
+        raise ZhtuneError(f"a {kind} record in pre-training data", where=rec.source,
+                          expected="plain text: .txt lines or {\"text\": ...} records",
+                          hint="stage=sft trains on instruction data; or map your text field with columns={text: yours}")
+    return to_text(rec)
 
-    The first token of every document gets label -100: it is not predicted from the previous
-    document's EOS, so a packed block trains exactly what the documents would train alone.
+
+class BlockPacker:
+    """Tokenised documents, batch after batch -> rows of input_ids, labels (-100 on each document's first
+    token) and position_ids (the index in the document, restarting at every document and at the block start).
+
+    packing: blocks of exactly `size` tokens across documents; the unfinished block is carried to the next
+    batch and flush() returns it (shorter) at the end. Without packing: each document cut into pieces.
+    Memory: one batch and one block of carry; everything is vectorised with numpy.
     """
-    import datasets
-    import pyarrow as pa
-    from datasets.table import InMemoryTable
 
-    col = ds.with_format("arrow")[:].column("input_ids").combine_chunks()
-    flat = col.flatten().to_numpy().astype(np.int32)                      # (total,)
-    lengths = np.asarray(col.value_lengths(), dtype=np.int64)             # (docs,)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    total = int(lengths.sum())
-    labels = flat.copy()
-    labels[starts] = IGNORE
-    doc_start = np.repeat(starts, lengths)                                # (total,) start of each token's doc
-    if packing:
-        row_starts = np.arange(0, total, cutoff_len)
-        block_start = np.arange(total) // cutoff_len * cutoff_len
-        position = np.arange(total) - np.maximum(doc_start, block_start)
-    else:
-        pieces = -(-lengths // cutoff_len)                                 # ceil: pieces per document
+    def __init__(self, size: int, packing: bool = True):
+        self.size, self.packing = size, packing
+        self.ids = np.empty(0, np.int32)         # carried tokens (fewer than size)
+        self.pos = np.empty(0, np.int32)         # their index within their document
+
+    def add(self, table) -> Any:
+        if table is None or table.num_rows == 0:
+            return None
+        col = table.column("input_ids").combine_chunks()
+        lengths = col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+        starts = np.cumsum(lengths) - lengths
+        doc_pos = (np.arange(len(flat)) - np.repeat(starts, lengths)).astype(np.int32)
+        if not self.packing:
+            return self._pieces(flat, doc_pos, lengths, starts)
+        ids, pos = np.concatenate([self.ids, flat]), np.concatenate([self.pos, doc_pos])
+        cut = len(ids) // self.size * self.size
+        self.ids, self.pos = ids[cut:], pos[cut:]
+        return self.blocks(ids[:cut], pos[:cut])
+
+    def flush(self) -> Any:
+        if not len(self.ids):
+            return None
+        out = self.blocks(self.ids, self.pos)
+        self.ids, self.pos = np.empty(0, np.int32), np.empty(0, np.int32)
+        return out
+
+    def blocks(self, ids: np.ndarray, pos: np.ndarray):
+        """Tokens starting at a block boundary -> block rows. A token's position in its block row is
+        min(index in its document, index in the block): its document started in this block or before."""
+        import pyarrow as pa
+
+        labels = np.where(pos == 0, IGNORE, ids).astype(np.int32)
+        position = np.minimum(pos, np.arange(len(ids)) % self.size).astype(np.int32)
+        offsets = pa.array(np.append(np.arange(0, len(ids), self.size), len(ids)).astype(np.int32))
+        return pa.table({name: pa.ListArray.from_arrays(offsets, pa.array(values)) for name, values in
+                         (("input_ids", ids), ("labels", labels), ("position_ids", position))})
+
+    def _pieces(self, flat, doc_pos, lengths, starts):
+        import pyarrow as pa
+
+        pieces = -(-lengths // self.size)                                    # ceil: pieces per document
         within = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-        row_starts = np.repeat(starts, pieces) + within * cutoff_len
-    offsets = pa.array(np.concatenate([row_starts, [total]]).astype(np.int32))
-    out = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat)),
-           "labels": pa.ListArray.from_arrays(offsets, pa.array(labels))}
-    if packing:
-        out["position_ids"] = pa.ListArray.from_arrays(offsets, pa.array(position.astype(np.int32)))
-    return datasets.Dataset(InMemoryTable(pa.table(out)))
+        row_starts = np.repeat(starts, pieces) + within * self.size
+        offsets = pa.array(np.append(row_starts, len(flat)).astype(np.int32))
+        labels = np.where(doc_pos == 0, IGNORE, flat).astype(np.int32)
+        return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat)),
+                         "labels": pa.ListArray.from_arrays(offsets, pa.array(labels))})
+
+    def stats(self) -> dict:
+        return {}
 
 
-def tokenise_corpus(entries: list[str], cfg: TrainConfig, tokenizer, skips: SkipCounter, where: str):
-    import datasets
+@dataclass
+class PretrainSpec:
+    """What stage pt does with records (see data/prepare.py for the protocol)."""
 
-    texts, n_read = load_documents(entries, cfg, skips, where)
-    raw = datasets.Dataset.from_dict({"text": texts})
-    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
-    ds = raw.map(tokenise_documents, batched=True, batch_size=512, remove_columns=["text"], features=features,
-                 num_proc=_num_proc(cfg, len(raw)), fn_kwargs={"tokenizer": tokenizer}, desc="tokenising 分词")
-    return ds, n_read
+    tokenizer: Any
+    fmt: str
+    columns: dict
+    cutoff_len: int
+    packing: bool
+    name: str = "pt"
+
+    def __post_init__(self):
+        import datasets
+
+        ints = datasets.List(datasets.Value("int32"))
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.features = datasets.Features({"input_ids": ints})
+        final = {"input_ids": ints, "labels": ints, **({"position_ids": ints} if self.packing else {})}
+        self.final_features = datasets.Features(final)
+
+    def key_parts(self) -> dict:
+        return {"stage": "pt-documents", "tokenizer": self.fingerprint, "format": self.fmt, "columns": self.columns}
+
+    def final_key_parts(self) -> dict:
+        return {"cutoff_len": self.cutoff_len, "packing": self.packing}
+
+    def tokenise(self, records: Iterator[Record], counts: Counts) -> Iterator[dict]:
+        """Records -> {"input_ids": [...]} batches; blank documents are skipped and counted."""
+        texts: list[str] = []
+        for rec in records:
+            text = document_text(rec, self.fmt)
+            counts.records += 1
+            if not text.strip():
+                counts.skip("empty text", rec.source)
+                continue
+            texts.append(text)
+            if len(texts) == BATCH_DOCS:
+                yield self._encode(texts, counts)
+                texts = []
+        if texts:
+            yield self._encode(texts, counts)
+
+    def _encode(self, texts: list[str], counts: Counts) -> dict:
+        ids = encode_documents(texts, self.tokenizer)
+        counts.rows += len(ids)
+        counts.tokens += sum(map(len, ids))
+        return {"input_ids": ids}
+
+    def finisher(self) -> BlockPacker:
+        return BlockPacker(self.cutoff_len, self.packing)
+
+    def check(self, counts: Counts, where: str) -> None:
+        if counts.rows == 0:
+            raise ZhtuneError("every document is empty", where=where, expected="non-empty lines or text fields")
+
+    def describe_counts(self, counts: Counts) -> dict:
+        return {"records": counts.records, "packing": self.packing, "cutoff_len": self.cutoff_len}
+
+    def describe_split(self, n_train: int, n_eval: int) -> dict:
+        return {"documents": n_train, "eval_documents": n_eval}
+
+    def describe_flow(self, stats: dict) -> str:
+        what = f"blocks of {self.cutoff_len}" if self.packing else f"rows (documents cut at {self.cutoff_len})"
+        held = f" (+{stats['eval_documents']:,} documents → {stats['eval'].get('rows', 0):,} eval rows)" \
+            if stats.get("eval_documents") else ""
+        return (f"{stats['records']:,} records → {stats['documents']:,} documents → {stats['tokens']:,} tokens "
+                f"→ {stats['rows']:,} {what}{held}")
 
 
-def build_pretrain_dataset(cfg: TrainConfig, tokenizer) -> DatasetBundle:
+def build_pretrain_dataset(cfg, tokenizer) -> DatasetBundle:
     """cfg.dataset (+ val_file / val_size, split by document) -> blocks of cutoff_len tokens."""
     check_split_options(cfg)
     packing = True if cfg.packing is None else bool(cfg.packing)
-    key = cache_key({
-        "stage": "pt", "data": fingerprint_entries(cfg.dataset, "dataset"),
-        "val": fingerprint_entries(cfg.val_file, "val_file") if cfg.val_file else None,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        **{k: getattr(cfg, k) for k in ("format", "columns", "max_samples", "cutoff_len", "val_size", "seed")},
-        "packing": packing,
-    })
+    spec = PretrainSpec(tokenizer, cfg.format, dict(cfg.columns), cfg.cutoff_len, packing)
+    if cfg.streaming:
+        from zhtune.data.streaming import streaming_bundle
 
-    def build():
-        skips = SkipCounter()
-        train, n_read = tokenise_corpus(cfg.dataset, cfg, tokenizer, skips, "dataset")
-        if cfg.val_file:
-            eval_, _ = tokenise_corpus(cfg.val_file, cfg, tokenizer, SkipCounter(), "val_file")
-        else:
-            train, eval_ = split_validation(train, cfg.val_size, cfg.seed)
-        docs = {"documents": len(train), "eval_documents": len(eval_) if eval_ is not None else 0}
-        train = make_blocks(train, cfg.cutoff_len, packing)
-        eval_ = make_blocks(eval_, cfg.cutoff_len, packing) if eval_ is not None else None
-        stats = {"stage": "pt", "records": n_read, "skipped": skips.skipped, "truncated": 0, **docs,
-                 "packing": packing, "cutoff_len": cfg.cutoff_len, **data_stats(train), "eval": data_stats(eval_)}
-        return train, eval_, stats
-
-    train, eval_, stats = cached_build(cfg.data_cache, f"pt-{key}", build)
+        return streaming_bundle(spec, cfg, make_collator(tokenizer))
+    train, eval_, stats = prepare(spec, cfg)
     return DatasetBundle(train=train, eval=eval_, collator=make_collator(tokenizer), stats=stats)

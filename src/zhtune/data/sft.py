@@ -5,49 +5,43 @@ format becomes [{role, content}] messages and goes through `template.encode_pair
 formatter). Packing puts several samples in one row with position_ids restarting at 0 per sample
 and no attention_mask, so transformers builds a block-diagonal causal mask: no sample sees another,
 and the loss of a packed sample equals its loss alone (tests/data/test_packing.py).
+
+The records stream from disk through data/prepare.py: tokenised in parallel into the cache, then packed
+(best-fit decreasing) window by window in one ordered pass, so memory does not grow with the dataset.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 
-from zhtune.config import TrainConfig
-from zhtune.data.readers import (
-    DatasetBundle, SkipCounter, cache_key, cached_build, detect_format, fingerprint_entries, read_records,
-    split_validation, to_messages, tokenizer_fingerprint,
-)
+from zhtune.data.prepare import IGNORE, Counts, DatasetBundle, prepare
+from zhtune.data.readers import Record, detect_format, to_messages, tokenizer_fingerprint
 from zhtune.errors import ZhtuneError
 
-IGNORE = -100
+BATCH_SAMPLES = 256                  # conversations tokenised per call
+WINDOW_TOKENS = 4 << 20              # packing looks at this many tokens at a time (best fit within the window)
 
 
 # --- reading and tokenising ---------------------------------------------------------------------
 
-def load_conversations(entries: list[str], cfg: TrainConfig, skips: SkipCounter, where: str = "dataset"):
-    """Records -> (messages per sample, source per sample); structural problems raise, empty answers skip."""
-    messages, sources, formats, n_read = [], [], {}, 0
-    for rec in read_records(entries, cfg.format, cfg.columns, max_samples=cfg.max_samples, key=where):
-        file = rec.source.rsplit(":", 1)[0] if ":" in rec.source else rec.source
-        fmt = formats.get(file) or formats.setdefault(file, detect_format(rec, cfg.format))
-        if fmt in ("text", "preference"):
-            raise ZhtuneError(f"{'plain text' if fmt == 'text' else 'preference pairs'} cannot be used for "
-                              "instruction tuning", where=rec.source,
-                              expected="alpaca, sharegpt or messages records",
-                              hint="stage=pt trains on plain text; preference pairs are for stage=dpo")
-        msgs = to_messages(rec, fmt)
-        n_read += 1
-        if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
-            skips.add("empty response", rec.source)
-            continue
-        messages.append(msgs)
-        sources.append(rec.source)
-    if not messages:
-        raise ZhtuneError("every record was skipped: " + skips.describe(), where=where,
-                          expected="records with non-empty answers")
-    return messages, sources, {"records": n_read, "formats": sorted(set(formats.values()))}
+def source_file(source: str) -> str:
+    """The file (or Hub name) part of a record's source: "a.jsonl:12" -> "a.jsonl", "x.parquet:row 3" -> ..."""
+    if source.endswith("]") and "[" in source:
+        return source.rsplit("[", 1)[0]
+    return source.rsplit(":", 1)[0] if ":" in source else source
+
+
+def conversation(rec: Record, fmt: str) -> list[dict]:
+    """A record's messages; plain text and preference pairs are refused with their file:line."""
+    if fmt in ("text", "preference"):
+        raise ZhtuneError(f"{'plain text' if fmt == 'text' else 'preference pairs'} cannot be used for "
+                          "instruction tuning", where=rec.source, expected="alpaca, sharegpt or messages records",
+                          hint="stage=pt trains on plain text; preference pairs are for stage=dpo")
+    return to_messages(rec, fmt)
 
 
 def tokenise_conversations(batch: dict, tokenizer, template, cutoff_len: int, train_on_prompt: bool) -> dict:
@@ -82,42 +76,6 @@ def tokenise_conversations(batch: dict, tokenizer, template, cutoff_len: int, tr
     return out
 
 
-def tokenise_samples(entries: list[str], cfg: TrainConfig, tokenizer, template, skips: SkipCounter, where: str):
-    """Files -> a tokenised datasets.Dataset (input_ids, labels, source) and its counts."""
-    import datasets
-
-    messages, sources, counts = load_conversations(entries, cfg, skips, where)
-    raw = datasets.Dataset.from_dict({"messages": messages, "source": sources})
-    ints = datasets.List(datasets.Value("int32"))
-    features = datasets.Features({"source": datasets.Value("string"), "input_ids": ints, "labels": ints,
-                                  "truncated": datasets.Value("bool"), "n_labels": datasets.Value("int32")})
-    ds = raw.map(tokenise_conversations, batched=True, batch_size=256, remove_columns=["messages"],
-                 features=features, num_proc=_num_proc(cfg, len(raw)), desc="tokenising 分词",
-                 fn_kwargs={"tokenizer": tokenizer, "template": template, "cutoff_len": cfg.cutoff_len,
-                            "train_on_prompt": cfg.train_on_prompt})
-    truncated = ds.data.column("truncated").to_numpy(zero_copy_only=False)
-    n_labels = ds.data.column("n_labels").to_numpy(zero_copy_only=False)
-    if truncated.all():
-        raise ZhtuneError(f"all {len(ds)} records are longer than cutoff_len={cfg.cutoff_len} tokens",
-                          where=f"{where} (first: {sources[0]})", expected="samples that fit in cutoff_len",
-                          hint="raise cutoff_len (alias max_seq_length)")
-    empty = np.flatnonzero(n_labels == 0)
-    if len(empty):
-        skips.add(f"no answer tokens within cutoff_len={cfg.cutoff_len}", sources[empty[0]], len(empty))
-        ds = ds.select(np.flatnonzero(n_labels > 0))
-        if len(ds) == 0:
-            raise ZhtuneError("every record was skipped: " + skips.describe(), where=where,
-                              expected="samples whose prompt fits in cutoff_len")
-    counts["truncated"] = int(truncated[n_labels > 0].sum())
-    return ds, counts
-
-
-def _num_proc(cfg: TrainConfig, n: int) -> int | None:
-    workers = cfg.preprocessing_num_workers
-    # a worker pool costs seconds to start: only worth it for real datasets
-    return workers if workers and workers > 1 and n >= 1000 * workers else None
-
-
 # --- packing ------------------------------------------------------------------------------------
 
 def best_fit_bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -138,41 +96,71 @@ def best_fit_bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_rows(ds, groups: list[list[int]], columns: tuple[str, ...] = ("input_ids", "labels")):
+def pack_rows(table, groups: list[list[int]], columns: tuple[str, ...] = ("input_ids", "labels")):
     """Concatenate the samples of each group into one row, with position_ids restarting per sample.
 
-    ds rows: variable-length lists (flattened with numpy here: no Python loop over tokens).
+    table: a pyarrow Table of variable-length lists (flattened with numpy here: no Python loop over tokens).
     groups: the sample indices of each output row.
     """
-    import datasets
     import pyarrow as pa
-    from datasets.table import InMemoryTable
 
-    table = ds.with_format("arrow")[:]
     cols = {c: table.column(c).combine_chunks() for c in columns}
-    first = cols[columns[0]]
-    offsets = first.offsets.to_numpy().astype(np.int64)
-    lengths = np.diff(offsets)
+    lengths = cols[columns[0]].value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
     order = np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])
     lens = lengths[order]
     new_start = np.concatenate([[0], np.cumsum(lens)[:-1]])          # where each sample lands
     total = int(lens.sum())
-    take = np.arange(total) + np.repeat(offsets[order] - offsets[0] - new_start, lens)   # (total,) gather index
+    take = np.arange(total) + np.repeat(offsets[order] - new_start, lens)   # (total,) gather index
     position = np.arange(total) - np.repeat(new_start, lens)
     ends = np.cumsum([len(g) for g in groups])                        # samples per row -> token offsets
     row_offsets = pa.array(np.concatenate([[0], np.cumsum(lens)[ends - 1]]).astype(np.int32))
     out = {}
     for c in columns:
-        values = cols[c].flatten().to_numpy()[take]
+        values = cols[c].flatten().to_numpy(zero_copy_only=False)[take]
         out[c] = pa.ListArray.from_arrays(row_offsets, pa.array(values.astype(np.int32)))
     out["position_ids"] = pa.ListArray.from_arrays(row_offsets, pa.array(position.astype(np.int32)))
-    return datasets.Dataset(InMemoryTable(pa.table(out)))
+    return pa.table(out)
 
 
-def pack_samples(ds, cutoff_len: int):
-    """Samples -> rows of up to cutoff_len tokens (best-fit decreasing), no sample split."""
-    lengths = np.asarray(ds.with_format("arrow")[:].column("input_ids").combine_chunks().value_lengths())
-    return pack_rows(ds, best_fit_bins(lengths, cutoff_len))
+class WindowPacker:
+    """Samples, batch after batch -> packed rows of up to `size` tokens: best-fit decreasing over windows of
+    WINDOW_TOKENS tokens (one window = the whole dataset for all but large ones), no sample split."""
+
+    def __init__(self, size: int, packing: bool = True):
+        self.size, self.packing = size, packing
+        self.window: list = []
+        self.window_tokens = self.rows = self.tokens = 0
+
+    def add(self, table) -> Any:
+        if table is None or table.num_rows == 0:
+            return None
+        table = table.select(["input_ids", "labels"])
+        if not self.packing:
+            return table
+        import pyarrow.compute as pc
+
+        self.window.append(table)
+        self.window_tokens += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+        return self.flush() if self.window_tokens >= WINDOW_TOKENS else None
+
+    def flush(self) -> Any:
+        if not self.window:
+            return None
+        import pyarrow as pa
+
+        table = pa.concat_tables(self.window)
+        self.window, self.window_tokens = [], 0
+        lengths = table.column("input_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+        packed = pack_rows(table, best_fit_bins(lengths, self.size))
+        self.rows += packed.num_rows
+        self.tokens += int(lengths.sum())
+        return packed
+
+    def stats(self) -> dict:
+        if not self.packing or not self.rows:
+            return {}
+        return {"packing_efficiency": round(self.tokens / (self.rows * self.size), 4)}
 
 
 # --- batching -----------------------------------------------------------------------------------
@@ -232,53 +220,121 @@ def make_collator(tokenizer) -> Collator:
 
 # --- the builder --------------------------------------------------------------------------------
 
-def data_stats(ds) -> dict:
-    """Token and label counts of a finished dataset (labels that are not -100 = what the loss sees)."""
-    if ds is None:
-        return {}
-    table = ds.with_format("arrow")[:]
-    labels = table.column("labels").combine_chunks().flatten().to_numpy()
-    return {"rows": len(ds), "tokens": int(len(labels)), "label_tokens": int((labels != IGNORE).sum())}
-
-
-def check_split_options(cfg: TrainConfig) -> None:
+def check_split_options(cfg) -> None:
     if cfg.val_file and cfg.val_size:
         raise ZhtuneError("both val_file and val_size are set", where="val_file / val_size",
                           expected="one of them: a validation file, or a fraction/count to hold out")
     if cfg.cutoff_len < 2:
         raise ZhtuneError(f"cutoff_len={cfg.cutoff_len}", where="cutoff_len", expected="at least 2 tokens")
+    if cfg.streaming and cfg.stage != "pt":
+        raise ZhtuneError(f"streaming=true with stage={cfg.stage}", where="streaming",
+                          expected="stage=pt (instruction and preference data are prepared in the cache)",
+                          hint="set streaming=false; data_cache can point at a larger disk")
 
 
-def build_sft_dataset(cfg: TrainConfig, tokenizer, template) -> DatasetBundle:
+@dataclass
+class SftSpec:
+    """What stage sft does with records (see data/prepare.py for the protocol)."""
+
+    tokenizer: Any
+    template: Any
+    fmt: str
+    columns: dict
+    cutoff_len: int
+    train_on_prompt: bool
+    packing: bool
+    name: str = "sft"
+
+    def __post_init__(self):
+        import datasets
+
+        ints = datasets.List(datasets.Value("int32"))
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.features = datasets.Features({"input_ids": ints, "labels": ints})
+        self.final_features = datasets.Features({"input_ids": ints, "labels": ints,
+                                                 **({"position_ids": ints} if self.packing else {})})
+
+    def key_parts(self) -> dict:
+        return {"stage": "sft-samples", "tokenizer": self.fingerprint, "template": self.template, "format": self.fmt,
+                "columns": self.columns, "cutoff_len": self.cutoff_len, "train_on_prompt": self.train_on_prompt}
+
+    def final_key_parts(self) -> dict:
+        return {"packing": self.packing}
+
+    def tokenise(self, records: Iterator[Record], counts: Counts) -> Iterator[dict]:
+        """Records -> {"input_ids", "labels"} batches. Empty answers, and samples with no answer token left
+        within cutoff_len, are skipped and counted; longer samples are cut and counted."""
+        formats: dict[str, str] = {}
+        messages, sources = [], []
+        for rec in records:
+            file = source_file(rec.source)
+            fmt = formats.get(file) or formats.setdefault(file, detect_format(rec, self.fmt))
+            msgs = conversation(rec, fmt)
+            counts.records += 1
+            if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
+                counts.skip("empty response", rec.source)
+                continue
+            messages.append(msgs)
+            sources.append(rec.source)
+            if len(messages) == BATCH_SAMPLES:
+                yield self._encode(messages, sources, counts)
+                messages, sources = [], []
+        if messages:
+            yield self._encode(messages, sources, counts)
+        counts.formats = sorted(set(counts.formats) | set(formats.values()))
+
+    def _encode(self, messages: list, sources: list[str], counts: Counts) -> dict:
+        out = tokenise_conversations({"messages": messages}, self.tokenizer, self.template, self.cutoff_len,
+                                     self.train_on_prompt)
+        keep: dict[str, list] = {"input_ids": [], "labels": []}
+        for ids, labels, cut, n_labels, source in zip(out["input_ids"], out["labels"], out["truncated"],
+                                                       out["n_labels"], sources):
+            counts.extra["tokenised"] = counts.extra.get("tokenised", 0) + 1
+            counts.extra["longer"] = counts.extra.get("longer", 0) + int(cut)
+            if n_labels == 0:
+                counts.skip(f"no answer tokens within cutoff_len={self.cutoff_len}", source)
+                continue
+            if cut:
+                counts.truncate(source)
+            keep["input_ids"].append(ids)
+            keep["labels"].append(labels)
+            counts.rows += 1
+            counts.tokens += len(ids)
+        return keep
+
+    def finisher(self) -> WindowPacker:
+        return WindowPacker(self.cutoff_len, self.packing)
+
+    def check(self, counts: Counts, where: str) -> None:
+        tokenised = counts.extra.get("tokenised", 0)
+        if tokenised and counts.extra.get("longer", 0) == tokenised:
+            first = counts.truncated_first or next(iter(counts.skipped.values()), {}).get("first")
+            raise ZhtuneError(f"all {tokenised} records are longer than cutoff_len={self.cutoff_len} tokens",
+                              where=f"{where} (first: {first})", expected="samples that fit in cutoff_len",
+                              hint="raise cutoff_len (alias max_seq_length)")
+        if counts.rows == 0:
+            raise ZhtuneError("every record was skipped: " + counts.describe_skips(), where=where,
+                              expected="records with non-empty answers that fit in cutoff_len")
+
+    def describe_counts(self, counts: Counts) -> dict:
+        return {"records": counts.records, "formats": counts.formats, "packing": self.packing,
+                "cutoff_len": self.cutoff_len}
+
+    def describe_split(self, n_train: int, n_eval: int) -> dict:
+        return {"samples": n_train, "eval_samples": n_eval}
+
+    def describe_flow(self, stats: dict) -> str:
+        rows = f"{stats['rows']:,} packed rows ({stats.get('packing_efficiency', 0):.0%} full)" if self.packing \
+            else f"{stats['rows']:,} rows"
+        held = f" (+{stats['eval_samples']:,} eval samples)" if stats.get("eval_samples") else ""
+        return (f"{stats['records']:,} records → {stats['samples']:,} samples → {stats['tokens']:,} tokens "
+                f"({stats['label_tokens']:,} with a label) → {rows}{held}")
+
+
+def build_sft_dataset(cfg, tokenizer, template) -> DatasetBundle:
     """cfg.dataset (+ val_file / val_size) -> tokenised, label-masked, optionally packed datasets."""
     check_split_options(cfg)
-    packing = bool(cfg.packing)          # default (None) is off for sft
-    key = cache_key({
-        "stage": "sft", "data": fingerprint_entries(cfg.dataset, "dataset"),
-        "val": fingerprint_entries(cfg.val_file, "val_file") if cfg.val_file else None,
-        "tokenizer": tokenizer_fingerprint(tokenizer), "template": template,
-        **{k: getattr(cfg, k) for k in ("format", "columns", "max_samples", "cutoff_len", "train_on_prompt",
-                                       "val_size", "seed")}, "packing": packing,
-    })
-
-    def build():
-        skips = SkipCounter()
-        train, counts = tokenise_samples(cfg.dataset, cfg, tokenizer, template, skips, "dataset")
-        if cfg.val_file:
-            eval_, _ = tokenise_samples(cfg.val_file, cfg, tokenizer, template, SkipCounter(), "val_file")
-        else:
-            train, eval_ = split_validation(train, cfg.val_size, cfg.seed)
-        samples = {"samples": len(train), "eval_samples": len(eval_) if eval_ is not None else 0}
-        train, eval_ = (None if d is None else d.select_columns(["input_ids", "labels"]) for d in (train, eval_))
-        if packing:
-            train = pack_samples(train, cfg.cutoff_len)
-            eval_ = pack_samples(eval_, cfg.cutoff_len) if eval_ is not None else None
-        stats = {"stage": "sft", **counts, "skipped": skips.skipped, **samples, "packing": packing,
-                 "cutoff_len": cfg.cutoff_len, **data_stats(train),
-                 "eval": data_stats(eval_)}
-        if packing:
-            stats["packing_efficiency"] = round(stats["tokens"] / (stats["rows"] * cfg.cutoff_len), 4)
-        return train, eval_, stats
-
-    train, eval_, stats = cached_build(cfg.data_cache, f"sft-{key}", build)
+    spec = SftSpec(tokenizer, template, cfg.format, dict(cfg.columns), cfg.cutoff_len, cfg.train_on_prompt,
+                   bool(cfg.packing))            # default (None) is off for sft
+    train, eval_, stats = prepare(spec, cfg)
     return DatasetBundle(train=train, eval=eval_, collator=make_collator(tokenizer), stats=stats)
