@@ -14,7 +14,8 @@ The context goes through `template.encode_pairs` exactly as in SFT: the prompt i
 up to the last assistant header, chosen / rejected are that answer with the template's end marker.
 Each segment is tokenised on its own, as SFT does, so ids match SFT's for the same conversation.
 Structural mistakes raise with file:line; empty answers, chosen == rejected and prompts that leave no
-room under cutoff_len are skipped and counted (each reason with its first file:line) in stats.
+room under cutoff_len are skipped, counted and printed (each reason with its first file:line), or with
+strict=true refused. The pairs stream from disk through data/prepare.py like SFT samples.
 """
 
 from __future__ import annotations

@@ -140,8 +140,9 @@ def _build_batch(batch: dict, units: list[Unit], spec, cfg, units_dir: str) -> d
     return {}
 
 
-def build_units(units: list[Unit], spec, cfg, units_dir: Path, say: Callable[[str], None]) -> None:
-    """Every unit not in the cache yet, through datasets.map with num_proc (a unit per call)."""
+def build_units(units: list[Unit], spec, cfg, units_dir: Path, say: Callable[[str], None]) -> int:
+    """Every unit not in the cache yet, through datasets.map with num_proc (a unit per call); the number
+    of tokens this made."""
     import datasets
 
     todo = [u for u in units if not (_unit_folder(units_dir, u) / "meta.json").is_file()]
@@ -149,7 +150,7 @@ def build_units(units: list[Unit], spec, cfg, units_dir: Path, say: Callable[[st
     if reused and todo:
         say(f"续做 resuming: {reused} of {len(units)} parts are already in the cache")
     if not todo:
-        return
+        return 0
     num_proc = min(cfg.preprocessing_num_workers or 1, len(todo))
     plan = datasets.Dataset.from_dict({"unit": list(range(len(todo)))})
     progress = Progress(todo, units_dir, say)
@@ -163,6 +164,7 @@ def build_units(units: list[Unit], spec, cfg, units_dir: Path, say: Callable[[st
         progress.stop()
         if enabled:
             datasets.enable_progress_bars()
+    return sum(progress.done.values())
 
 
 class Progress:
@@ -361,7 +363,7 @@ def build(tmp: Path, spec, cfg, root: Path, say: Callable[[str], None]) -> None:
     clean_stale_tmps(units_dir)
     units = _keyed(plan_units(cfg.dataset, "dataset", cfg.max_samples), spec)
     val_units = _keyed(plan_units(cfg.val_file, "val_file", cfg.max_samples), spec) if cfg.val_file else []
-    build_units(units + val_units, spec, cfg, units_dir, say)
+    tokenised = build_units(units + val_units, spec, cfg, units_dir, say)
     counts = _totals(units, units_dir, cfg.dataset, "dataset")
     _check_strict(counts, cfg, "dataset")
     spec.check(counts, "dataset")
@@ -374,7 +376,7 @@ def build(tmp: Path, spec, cfg, root: Path, say: Callable[[str], None]) -> None:
     stats = {"stage": spec.name, **spec.describe_counts(counts), "skipped": counts.skipped,
              "truncated": counts.truncated, "truncated_first": counts.truncated_first,
              **spec.describe_split(counts.rows - len(held), len(held) if not val_units else val_counts.rows),
-             **finished, "seconds": round(time.monotonic() - start, 1)}
+             **finished, "seconds": round(time.monotonic() - start, 1), "tokenised_tokens": tokenised}
     (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
@@ -408,7 +410,7 @@ def prepare(spec, cfg) -> tuple[Any, Any, dict]:
     stats = json.loads((final / "stats.json").read_text(encoding="utf-8"))
     train = load_split(final / "train")
     eval_ = load_split(final / "eval") if (final / "eval").is_dir() else None
-    stats.update(cache="hit" if status == "hit" else "miss", cache_dir=str(final))
+    stats.update(cache={"hit": "hit", "built": "miss", "waited": "waited"}[status], cache_dir=str(final))
     if os.environ.get("RANK", "0") == "0":
         say(summary(stats, spec, status, final))
     return train, eval_, stats
@@ -417,9 +419,12 @@ def prepare(spec, cfg) -> tuple[Any, Any, dict]:
 def summary(stats: dict, spec, status: str, final: Path) -> str:
     """The data block printed before training: counts, skips and truncation with their first file:line,
     time and tokens/s, the cache folder and its size."""
-    rate = stats["tokens"] / stats["seconds"] if stats.get("seconds") else 0
-    lines = [f"数据 data ({spec.name}): " + spec.describe_flow(stats)
-             + (f" in {stats['seconds']:.0f}s ({rate:,.0f} tokens/s)" if status != "hit" else "")]
+    took = ""
+    if status == "built":
+        took = f" in {stats['seconds']:.0f}s"
+        if stats.get("tokenised_tokens") and stats["seconds"] >= 1:
+            took += f" ({stats['tokenised_tokens'] / stats['seconds']:,.0f} tokens/s)"
+    lines = [f"数据 data ({spec.name}): " + spec.describe_flow(stats) + took]
     for reason, entry in stats.get("skipped", {}).items():
         lines.append(f"  跳过 skipped: {entry['count']:,} × {reason} (first at {entry['first']})")
     if stats.get("truncated"):

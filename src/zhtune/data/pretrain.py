@@ -9,7 +9,8 @@ split into cutoff_len pieces).
 
 The corpus streams from disk (data/prepare.py): documents are tokenised in parallel into the cache, then
 cut into blocks in one ordered pass that carries the unfinished block from batch to batch (BlockPacker).
-With streaming=true nothing is cached: data/streaming.py tokenises and packs while training, the same way.
+With streaming=true nothing is cached: data/streaming.py tokenises and packs while training, the same way
+(train/pt.py picks one or the other).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from zhtune.data.readers import Record, detect_format, to_text, tokenizer_finger
 from zhtune.data.sft import check_split_options, make_collator
 from zhtune.errors import ZhtuneError
 
-BATCH_DOCS = 1000                    # documents tokenised per call
+BATCH_DOCS = 1000                    # documents tokenised per call, at most
+BATCH_CHARS = 1 << 18                # ... and about this many characters (a batch's ids are Python lists)
 
 
 def encode_documents(texts: list[str], tokenizer) -> list[list[int]]:
@@ -44,6 +46,15 @@ def document_text(rec: Record, fmt: str) -> str:
                           expected="plain text: .txt lines or {\"text\": ...} records",
                           hint="stage=sft trains on instruction data; or map your text field with columns={text: yours}")
     return to_text(rec)
+
+
+def block_columns(ids: np.ndarray, pos: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens starting at a block boundary (ids, and each token's index in its document) -> flat input_ids,
+    labels (-100 on a document's first token: it is not predicted from the document before) and
+    position_ids = min(index in its document, index in its block): its document began in this block or before."""
+    labels = np.where(pos == 0, IGNORE, ids).astype(np.int32)
+    position = np.minimum(pos, np.arange(len(ids)) % size).astype(np.int32)
+    return ids.astype(np.int32, copy=False), labels, position
 
 
 class BlockPacker:
@@ -83,12 +94,10 @@ class BlockPacker:
         return out
 
     def blocks(self, ids: np.ndarray, pos: np.ndarray):
-        """Tokens starting at a block boundary -> block rows. A token's position in its block row is
-        min(index in its document, index in the block): its document started in this block or before."""
+        """Tokens starting at a block boundary -> a table of block rows (see block_columns)."""
         import pyarrow as pa
 
-        labels = np.where(pos == 0, IGNORE, ids).astype(np.int32)
-        position = np.minimum(pos, np.arange(len(ids)) % self.size).astype(np.int32)
+        ids, labels, position = block_columns(ids, pos, self.size)
         offsets = pa.array(np.append(np.arange(0, len(ids), self.size), len(ids)).astype(np.int32))
         return pa.table({name: pa.ListArray.from_arrays(offsets, pa.array(values)) for name, values in
                          (("input_ids", ids), ("labels", labels), ("position_ids", position))})
@@ -137,6 +146,7 @@ class PretrainSpec:
     def tokenise(self, records: Iterator[Record], counts: Counts) -> Iterator[dict]:
         """Records -> {"input_ids": [...]} batches; blank documents are skipped and counted."""
         texts: list[str] = []
+        chars = 0
         for rec in records:
             text = document_text(rec, self.fmt)
             counts.records += 1
@@ -144,9 +154,10 @@ class PretrainSpec:
                 counts.skip("empty text", rec.source)
                 continue
             texts.append(text)
-            if len(texts) == BATCH_DOCS:
+            chars += len(text)
+            if len(texts) == BATCH_DOCS or chars >= BATCH_CHARS:
                 yield self._encode(texts, counts)
-                texts = []
+                texts, chars = [], 0
         if texts:
             yield self._encode(texts, counts)
 
@@ -177,14 +188,15 @@ class PretrainSpec:
                 f"→ {stats['rows']:,} {what}{held}")
 
 
-def build_pretrain_dataset(cfg, tokenizer) -> DatasetBundle:
-    """cfg.dataset (+ val_file / val_size, split by document) -> blocks of cutoff_len tokens."""
+def pretrain_spec(cfg, tokenizer) -> PretrainSpec:
     check_split_options(cfg)
     packing = True if cfg.packing is None else bool(cfg.packing)
-    spec = PretrainSpec(tokenizer, cfg.format, dict(cfg.columns), cfg.cutoff_len, packing)
-    if cfg.streaming:
-        from zhtune.data.streaming import streaming_bundle
+    return PretrainSpec(tokenizer, cfg.format, dict(cfg.columns), cfg.cutoff_len, packing)
 
-        return streaming_bundle(spec, cfg, make_collator(tokenizer))
+
+def build_pretrain_dataset(cfg, tokenizer) -> DatasetBundle:
+    """cfg.dataset (+ val_file / val_size, split by document) -> blocks of cutoff_len tokens, prepared in the
+    cache (streaming=true is data/streaming.py's build_streaming_dataset)."""
+    spec = pretrain_spec(cfg, tokenizer)
     train, eval_, stats = prepare(spec, cfg)
     return DatasetBundle(train=train, eval=eval_, collator=make_collator(tokenizer), stats=stats)

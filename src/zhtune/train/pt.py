@@ -24,9 +24,16 @@ def run(cfg: TrainConfig) -> Path:
     parents = run_parents(cfg)
     out, resume = prepare_output_dir(cfg)
     tokenizer = prepare_tokenizer(cfg, template)
-    data = build_pretrain_dataset(cfg, tokenizer)  # bad data is named before the model loads
+    if cfg.streaming:  # tokenised and packed while training; the stream's position goes into each checkpoint
+        from zhtune.data.streaming import attach, build_streaming_dataset
+
+        data = build_streaming_dataset(cfg, tokenizer)  # bad settings are named before the model loads
+    else:
+        data = build_pretrain_dataset(cfg, tokenizer)  # bad data is named before the model loads
     tokenizer, model, expansion = prepare_model(cfg, tokenizer=tokenizer)
     trainer = make_trainer(cfg, model, tokenizer, data, out)
+    if cfg.streaming:
+        attach(trainer, data)
     print(describe_setup(cfg, expansion, adapter_summary(model), data.stats, resume), flush=True)
 
     # --- train (run.yaml first: the same command recognises a killed run and resumes it)
