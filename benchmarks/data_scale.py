@@ -5,6 +5,7 @@ Chinese text with 1 and 2 processes; and training tokens/s with streaming=true v
     python benchmarks/data_scale.py                          # everything: ~1.5 h on 2 quiet cores, ~10 GB of scratch
     python benchmarks/data_scale.py --sizes 50 --repeats 1   # a quick look
     python benchmarks/data_scale.py --scratch /big/tmp       # where corpora and caches go (deleted at the end)
+    python benchmarks/data_scale.py --sizes 800 --skip-training   # one part at a time (--skip-prep: training only)
 
 The corpora are made from the shipped Chinese assets: documents of 1-8 random lines of zh_corpus.txt and
 zh_heldout.txt (seeded), written to the scratch folder, never to the repository. The tokenizer is a
@@ -96,7 +97,7 @@ def work_cla(corpus: str, tokenizer: str, cache: str, procs: int) -> dict:
         return tok(examples["text"])
 
     def group_texts(examples):
-        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}  # noqa: SIM118 - as CLA writes it
         total = len(concatenated[list(examples.keys())[0]])
         if total >= BLOCK:
             total = (total // BLOCK) * BLOCK
@@ -220,8 +221,9 @@ def streaming_table(repeats: int, scratch: Path, tokenizer: Path, steps: int) ->
 
 def report(rows: list[dict], stream: dict | None) -> str:
     by = {(r["size_mb"], r["column"], r["procs"]): r for r in rows}
-    lines = ["| corpus | processes | zhtune s | CLA-style s | zhtune tokens/s | zhtune / CLA | zhtune peak RSS | "
-             "CLA peak RSS |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    head = ("| corpus | processes | zhtune s | CLA-style s | zhtune tokens/s | zhtune / CLA | zhtune peak RSS | "
+            "CLA peak RSS |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"] if rows else []
     for (size, column, procs), r in sorted(by.items()):
         if column != "zhtune":
             continue
@@ -230,6 +232,7 @@ def report(rows: list[dict], stream: dict | None) -> str:
                      f"{cla['seconds'] / r['seconds']:.2f}x | {r['peak_mib']:,.0f} MiB | {cla['peak_mib']:,.0f} MiB |")
     sizes = sorted({r["size_mb"] for r in rows})
     lines.append("")
+    lines += [json.dumps(r) for r in rows]
     for size in sizes:
         one, two = by[(size, "zhtune", 1)], by[(size, "zhtune", 2)]
         cone, ctwo = by[(size, "cla", 1)], by[(size, "cla", 2)]
@@ -256,6 +259,7 @@ def main() -> None:
     parser.add_argument("--scratch", default=None, help="folder for corpora and caches (default: a temp folder)")
     parser.add_argument("--train-steps", type=int, default=40, help="optimizer steps per training run")
     parser.add_argument("--skip-training", action="store_true", help="only the preparation table")
+    parser.add_argument("--skip-prep", action="store_true", help="only the streaming / cached training runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     for hidden in ("--corpus", "--tokenizer", "--cache"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -269,7 +273,7 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         tokenizer = make_tokenizer(scratch / "tokenizer")
-        rows = prep_table(args.sizes, args.repeats, scratch, tokenizer)
+        rows = [] if args.skip_prep else prep_table(args.sizes, args.repeats, scratch, tokenizer)
         stream = None if args.skip_training else streaming_table(args.repeats + 1, scratch, tokenizer,
                                                                  args.train_steps)
         print(report(rows, stream))

@@ -83,6 +83,18 @@ def test_bad_pairs_are_skipped_and_counted_with_their_line(tmp_path, tok):
     assert skipped["prompt fills cutoff_len=64"]["first"] == f"{p}:5"
 
 
+def test_identical_pairs_are_printed_and_strict_refuses_them(tmp_path, tok, capsys):
+    """Issue 16, defect 4: chosen == rejected pairs vanished without a word."""
+    p = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "ok", "chosen": "yes", "rejected": "no"},
+                                              {"prompt": "q", "chosen": "A ", "rejected": "A"}])
+    build_preference_dataset(cfg(dataset=[str(p)]), tok, get_template("default"))
+    assert f"跳过 skipped: 1 × chosen identical to rejected (first at {p}:2)" in capsys.readouterr().out
+    with pytest.raises(ZhtuneError, match="record skipped: chosen identical to rejected") as err:
+        build_preference_dataset(cfg(dataset=[str(p)], strict=True, data_cache=str(tmp_path / "fresh")), tok,
+                                 get_template("default"))
+    assert err.value.where == f"{p}:2"
+
+
 def test_long_answers_are_cut_to_cutoff_len(tmp_path, tok):
     p = write_jsonl(tmp_path / "l.jsonl", [{"prompt": "Q", "chosen": "word " * 200, "rejected": "no"}])
     b = build_preference_dataset(cfg(dataset=[str(p)], cutoff_len=40), tok, get_template("default"))

@@ -61,6 +61,13 @@ def test_validation_by_document_and_blank_lines_counted(tok, tmp_path):
     assert b.stats["skipped"] == {"empty text": {"count": 2, "first": f"{tmp_path / 'c.txt'}:2"}}
 
 
+def test_strict_refuses_an_empty_document(tok, tmp_path):
+    (tmp_path / "c.txt").write_text("one doc here\n\ntwo\n", encoding="utf-8")
+    with pytest.raises(ZhtuneError, match="record skipped: empty text") as err:
+        build_pretrain_dataset(pt(dataset=[str(tmp_path / "c.txt")], cutoff_len=16, strict=True), tok)
+    assert err.value.where == f"{tmp_path / 'c.txt'}:2"
+
+
 def test_bad_pretraining_input(tok, tmp_path, sft_qa):
     with pytest.raises(ZhtuneError, match="alpaca record in pre-training data") as err:
         build_pretrain_dataset(pt(dataset=[str(sft_qa)]), tok)

@@ -91,7 +91,8 @@ def test_cached_and_streaming_blocks_equal_the_in_memory_path(tok, lines, tmp_pa
     data = build_pretrain_dataset(cfg, tok)
     assert len(list((tmp_path / "cache" / "units").iterdir())) > 6
     assert rows_of(data.train) == want
-    assert data.train.cache_files and all(f["filename"].startswith(str(tmp_path / "cache")) for f in data.train.cache_files)
+    files_used = [f["filename"] for f in data.train.cache_files]
+    assert files_used and all(f.startswith(str(tmp_path / "cache")) for f in files_used)   # memory-mapped
     assert data.stats["skipped"]["empty text"] == {"count": 11, "first": str(tmp_path / "corpus" / "a.txt") + ":1"}
 
     stream = build_streaming_dataset(TrainConfig(stage="pt", dataset=[str(tmp_path / "corpus")], cutoff_len=64,
@@ -118,8 +119,9 @@ def test_every_input_format_reads_the_same_records(tmp_path, lines):
     (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
     (tmp_path / "a.json.xz").write_bytes(__import__("lzma").compress(json.dumps(rows).encode()))
     pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet", row_group_size=7)
-    with pa.OSFile(str(tmp_path / "a.arrow"), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("text", pa.string())])) as w:
-        w.write_table(pa.table({"text": texts}))
+    with pa.OSFile(str(tmp_path / "a.arrow"), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("text", pa.string())])) \
+            as writer:                                   # the IPC file format (Feather v2), not datasets' stream
+        writer.write_table(pa.table({"text": texts}))
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(str(tmp_path / "dict"))
     for name in ("a.txt", "a.json", "a.jsonl.gz", "a.jsonl.zst", "a.json.xz", "a.parquet", "a.arrow", "saved", "dict"):
@@ -180,7 +182,8 @@ from zhtune.data import files
 from zhtune.data.pretrain import build_pretrain_dataset
 files.MIN_CHUNK = 8192
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
-data = build_pretrain_dataset(TrainConfig(stage="pt", dataset=[sys.argv[2]], cutoff_len=64, data_cache=sys.argv[3]), tok)
+cfg = TrainConfig(stage="pt", dataset=[sys.argv[2]], cutoff_len=64, data_cache=sys.argv[3])
+data = build_pretrain_dataset(cfg, tok)
 rows = [[r[k] for k in ("input_ids", "labels", "position_ids")] for r in data.train]
 print("DIGEST", hashlib.sha256(json.dumps(rows).encode()).hexdigest(), data.stats["cache"], data.stats["cache_dir"])
 """

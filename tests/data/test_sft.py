@@ -80,6 +80,27 @@ def test_truncation_is_counted_and_all_too_long_is_an_error(tmp_path, tok):
         build_sft_dataset(cfg(dataset=[str(long_only)], cutoff_len=64), tok, get_template("default"))
 
 
+def test_skips_and_cuts_are_printed_and_strict_refuses_them(tmp_path, tok, capsys):
+    """Issue 16, defect 4: a record dropped for cutoff_len was counted but never shown."""
+    rows = [{"instruction": "short", "output": "answer " * 100}, {"instruction": "long " * 200, "output": "a"},
+            {"instruction": "fine", "output": "ok"}]
+    p = write_jsonl(tmp_path / "s.jsonl", rows)
+    build_sft_dataset(cfg(dataset=[str(p)], cutoff_len=64), tok, get_template("default"))
+    out = capsys.readouterr().out
+    assert f"跳过 skipped: 1 × no answer tokens within cutoff_len=64 (first at {p}:2)" in out
+    assert f"截断 truncated: 1 × longer than cutoff_len=64 tokens, cut at the end (first at {p}:1)" in out
+    with pytest.raises(ZhtuneError, match="record skipped: no answer tokens within cutoff_len=64") as err:
+        build_sft_dataset(cfg(dataset=[str(p)], cutoff_len=64, strict=True, data_cache=str(tmp_path / "fresh")), tok,
+                          get_template("default"))
+    assert err.value.where == f"{p}:2" and "strict" in err.value.expected
+    # strict also holds when the tokenised records come from the cache of a run that was not strict
+    cached = cfg(dataset=[str(p)], cutoff_len=64, data_cache=str(tmp_path / "c"))
+    build_sft_dataset(cached, tok, get_template("default"))
+    cached.strict = True
+    with pytest.raises(ZhtuneError, match=rf"records were skipped: no answer tokens .*first at {p}:2"):
+        build_sft_dataset(cached, tok, get_template("default"))
+
+
 def test_empty_answers_are_skipped_and_reported(tmp_path, tok):
     p = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "q1", "output": "a"}, {"instruction": "q2", "output": " "},
                                            {"instruction": "q3", "output": ""}])

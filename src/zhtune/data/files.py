@@ -157,10 +157,12 @@ def _walk(folder: Path, where: str) -> list[Source]:
 
 
 def looks_like_hub_id(entry: str) -> bool:
-    """owner/name, with nothing that makes it a path: no data suffix, no ./ ~ /, no local `owner` folder."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", entry) or entry.startswith("."):
-        return False
-    return classify(Path(entry)) is None and not Path(entry.split("/")[0]).exists()
+    """owner/name, and not a path: no data suffix, nothing starting with ./ ../ / ~, no first part that is a
+    local folder (data/train when data/ exists): those would cost a Hub timeout with no network."""
+    from zhtune.io import looks_like_local_path
+
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", entry)) and classify(Path(entry)) is None \
+        and not looks_like_local_path(entry)
 
 
 def find_sources(entry: str, where: str) -> list[Source]:
@@ -303,7 +305,7 @@ def _blocks(seg: Segment) -> Iterator[bytes]:
             except (OSError, EOFError, lzma.LZMAError, ValueError) as exc:
                 raise ZhtuneError(f"cannot read {seg.source.compression or ''} file: {exc}".replace("  ", " "),
                                   where=seg.source.path, expected="an intact file") from None
-            except Exception as exc:            # zstandard.ZstdError is not an OSError
+            except Exception as exc:  # noqa: BLE001 - zstandard.ZstdError is not an OSError; others re-raised
                 if type(exc).__module__.startswith("zstandard") or "zstd" in type(exc).__name__.lower():
                     raise ZhtuneError(f"cannot read zst file: {exc}", where=seg.source.path,
                                       expected="an intact file") from None
@@ -490,7 +492,7 @@ def _load_table_dataset(source: Source):
         return datasets.load_from_disk(source.path)
     try:
         return datasets.load_dataset(source.path, split="train")
-    except Exception as exc:  # offline, private, misspelt: all the user's to fix
+    except Exception as exc:  # noqa: BLE001 - offline, private, misspelt: all the user's to fix
         raise ZhtuneError(f"dataset {source.path!r} is not a local path and could not be loaded from the Hub: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", where=source.path,
                           expected="an existing file or folder, or a Hub dataset name (needs network)") from None
@@ -517,7 +519,8 @@ def _table_batches(seg: Segment) -> Iterator[tuple[int, Any]]:
     if src.kind == "arrow":
         row = 0
         for batch in _arrow_batches(src.path):
-            lo, hi = max(seg.start - row, 0), batch.num_rows if seg.stop is None else min(seg.stop - row, batch.num_rows)
+            lo = max(seg.start - row, 0)
+            hi = batch.num_rows if seg.stop is None else min(seg.stop - row, batch.num_rows)
             if hi > lo:
                 yield row + lo, batch.slice(lo, hi - lo)
             row += batch.num_rows

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from zhtune.config import TrainConfig
 from zhtune.data.prepare import Counts, DatasetBundle, prepare
 from zhtune.data.readers import (
     ASSISTANT_ROLES, Record, _field, _turns, detect_format, history_messages, tokenizer_fingerprint,
@@ -56,7 +57,8 @@ def _answer(rec: Record, key: str) -> str:
                               expected=f"{key}: the assistant's answer (a string or an assistant message)")
     if value is None:
         raise ZhtuneError(f"record has no {key!r} field (keys: {sorted(rec.data)})", where=rec.source,
-                          expected="prompt, chosen and rejected", hint="map your field names with columns={ours: yours}")
+                          expected="prompt, chosen and rejected",
+                          hint="map your field names with columns={ours: yours}")
     if not isinstance(value, str):
         raise ZhtuneError(f"field {key!r} is a {type(value).__name__}", where=rec.source,
                           expected=f"{key}: a string, or one assistant message {{role, content}}")
@@ -277,7 +279,7 @@ class PreferenceSpec:
                 f"on average, at most {stats.get('max_tokens', 0)}{held}")
 
 
-def build_preference_dataset(cfg, tokenizer, template) -> DatasetBundle:
+def build_preference_dataset(cfg: TrainConfig, tokenizer, template) -> DatasetBundle:
     """cfg.dataset (+ val_file / val_size) -> datasets of prompt/chosen/rejected ids for DPOTrainer."""
     check_split_options(cfg)
     spec = PreferenceSpec(tokenizer, template, cfg.format, dict(cfg.columns), cfg.cutoff_len)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from zhtune.config import TrainConfig
 from zhtune.data.cache import (atomic_folder, build_once, cache_key, cache_root, clean_stale_tmps, folder_bytes,
                                human_bytes, load_split, may_build)
 from zhtune.data.files import Unit, find_sources, plan_units
@@ -112,7 +113,7 @@ def _unit_folder(units_dir: Path, unit: Unit) -> Path:
     return units_dir / unit.key
 
 
-def build_unit(unit: Unit, spec, cfg, units_dir: Path) -> Counts:
+def build_unit(unit: Unit, spec, cfg: TrainConfig, units_dir: Path) -> Counts:
     """Read and tokenise one unit into units_dir/<key>/ (data.arrow + meta.json); the cached one if done."""
     from datasets.arrow_writer import ArrowWriter
 
@@ -134,13 +135,13 @@ def build_unit(unit: Unit, spec, cfg, units_dir: Path) -> Counts:
     return counts
 
 
-def _build_batch(batch: dict, units: list[Unit], spec, cfg, units_dir: str) -> dict:
+def _build_batch(batch: dict, units: list[Unit], spec, cfg: TrainConfig, units_dir: str) -> dict:
     for i in batch["unit"]:
         build_unit(units[i], spec, cfg, Path(units_dir))
     return {}
 
 
-def build_units(units: list[Unit], spec, cfg, units_dir: Path, say: Callable[[str], None]) -> int:
+def build_units(units: list[Unit], spec, cfg: TrainConfig, units_dir: Path, say: Callable[[str], None]) -> int:
     """Every unit not in the cache yet, through datasets.map with num_proc (a unit per call); the number
     of tokens this made."""
     import datasets
@@ -159,7 +160,8 @@ def build_units(units: list[Unit], spec, cfg, units_dir: Path, say: Callable[[st
     try:
         plan.map(_build_batch, batched=True, batch_size=1, num_proc=num_proc if num_proc > 1 else None,
                  fn_kwargs={"units": todo, "spec": spec, "cfg": cfg, "units_dir": str(units_dir)},
-                 keep_in_memory=True, remove_columns=["unit"], new_fingerprint=cache_key({"plan": [u.key for u in todo]}))
+                 keep_in_memory=True, remove_columns=["unit"],
+                 new_fingerprint=cache_key({"plan": [u.key for u in todo]}))
     finally:
         progress.stop()
         if enabled:
@@ -340,9 +342,9 @@ def _totals(units: list[Unit], units_dir: Path, entries: list[str], key: str) ->
     return total
 
 
-def _check_strict(counts: Counts, cfg, where: str) -> None:
-    if cfg.strict and counts.skipped:
-        raise ZhtuneError("records were skipped: " + counts.describe_skips(), where=where,
+def _check_strict(skipped: dict, cfg: TrainConfig, where: str) -> None:
+    if cfg.strict and skipped:
+        raise ZhtuneError("records were skipped: " + Counts(skipped=skipped).describe_skips(), where=where,
                           expected="every record usable (strict=true turns skipped records into errors)",
                           hint="fix or remove those records, or set strict=false to skip and count them")
 
@@ -355,7 +357,7 @@ def _keyed(units: list[Unit], spec) -> list[Unit]:
     return units
 
 
-def build(tmp: Path, spec, cfg, root: Path, say: Callable[[str], None]) -> None:
+def build(tmp: Path, spec, cfg: TrainConfig, root: Path, say: Callable[[str], None]) -> None:
     """Plan, tokenise the units, check the totals, hold out validation rows, write the final rows."""
     start = time.monotonic()
     units_dir = root / "units"
@@ -365,22 +367,24 @@ def build(tmp: Path, spec, cfg, root: Path, say: Callable[[str], None]) -> None:
     val_units = _keyed(plan_units(cfg.val_file, "val_file", cfg.max_samples), spec) if cfg.val_file else []
     tokenised = build_units(units + val_units, spec, cfg, units_dir, say)
     counts = _totals(units, units_dir, cfg.dataset, "dataset")
-    _check_strict(counts, cfg, "dataset")
+    _check_strict(counts.skipped, cfg, "dataset")
     spec.check(counts, "dataset")
+    val_counts = Counts()
     if val_units:
         val_counts = _totals(val_units, units_dir, cfg.val_file, "val_file")
-        _check_strict(val_counts, cfg, "val_file")
+        _check_strict(val_counts.skipped, cfg, "val_file")
         spec.check(val_counts, "val_file")
     held = held_out(counts.rows, cfg.val_size, cfg.seed) if not val_units else held_out(0, 0, 0)
     finished = finish(units, val_units, spec, units_dir, tmp, held)
     stats = {"stage": spec.name, **spec.describe_counts(counts), "skipped": counts.skipped,
-             "truncated": counts.truncated, "truncated_first": counts.truncated_first,
+             "eval_skipped": val_counts.skipped, "truncated": counts.truncated,
+             "truncated_first": counts.truncated_first,
              **spec.describe_split(counts.rows - len(held), len(held) if not val_units else val_counts.rows),
              **finished, "seconds": round(time.monotonic() - start, 1), "tokenised_tokens": tokenised}
     (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
-def source_key(cfg) -> dict:
+def source_key(cfg: TrainConfig) -> dict:
     """What identifies the inputs without reading them: every source's path, size and modification stamp."""
     def entries(paths: list[str], key: str) -> list:
         return [[s.fingerprint() for s in find_sources(str(p), f"{key}[{i}]: {p}")] for i, p in enumerate(paths)]
@@ -392,7 +396,7 @@ def source_key(cfg) -> dict:
             **{k: getattr(cfg, k) for k in ("format", "columns", "max_samples", "val_size", "seed")}}
 
 
-def prepare(spec, cfg) -> tuple[Any, Any, dict]:
+def prepare(spec, cfg: TrainConfig) -> tuple[Any, Any, dict]:
     """(train, eval, stats) for `spec` from cfg.dataset: from the cache when nothing that decides the rows
     changed, else built once (this process or another one) and then loaded memory-mapped."""
     if cfg.val_file and cfg.val_size:
@@ -408,6 +412,8 @@ def prepare(spec, cfg) -> tuple[Any, Any, dict]:
         raise ZhtuneError(f"cannot write the data cache: {exc}", where="data_cache",
                           expected="a writable folder", hint="set data_cache=DIR (or $ZHTUNE_DATA_CACHE)") from None
     stats = json.loads((final / "stats.json").read_text(encoding="utf-8"))
+    _check_strict(stats.get("skipped", {}), cfg, "dataset")      # also when the cache was built without strict
+    _check_strict(stats.get("eval_skipped", {}), cfg, "val_file")
     train = load_split(final / "train")
     eval_ = load_split(final / "eval") if (final / "eval").is_dir() else None
     stats.update(cache={"hit": "hit", "built": "miss", "waited": "waited"}[status], cache_dir=str(final))

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from zhtune.config import TrainConfig
 from zhtune.data.prepare import IGNORE, Counts, DatasetBundle, prepare
 from zhtune.data.readers import Record, detect_format, to_text, tokenizer_fingerprint
 from zhtune.data.sft import check_split_options, make_collator
@@ -44,7 +45,8 @@ def document_text(rec: Record, fmt: str) -> str:
     if kind != "text":
         raise ZhtuneError(f"a {kind} record in pre-training data", where=rec.source,
                           expected="plain text: .txt lines or {\"text\": ...} records",
-                          hint="stage=sft trains on instruction data; or map your text field with columns={text: yours}")
+                          hint="stage=sft trains on instruction data; "
+                               "or map your text field with columns={text: yours}")
     return to_text(rec)
 
 
@@ -188,13 +190,13 @@ class PretrainSpec:
                 f"→ {stats['rows']:,} {what}{held}")
 
 
-def pretrain_spec(cfg, tokenizer) -> PretrainSpec:
+def pretrain_spec(cfg: TrainConfig, tokenizer) -> PretrainSpec:
     check_split_options(cfg)
     packing = True if cfg.packing is None else bool(cfg.packing)
     return PretrainSpec(tokenizer, cfg.format, dict(cfg.columns), cfg.cutoff_len, packing)
 
 
-def build_pretrain_dataset(cfg, tokenizer) -> DatasetBundle:
+def build_pretrain_dataset(cfg: TrainConfig, tokenizer) -> DatasetBundle:
     """cfg.dataset (+ val_file / val_size, split by document) -> blocks of cutoff_len tokens, prepared in the
     cache (streaming=true is data/streaming.py's build_streaming_dataset)."""
     spec = pretrain_spec(cfg, tokenizer)

@@ -102,6 +102,8 @@ def detect_format(rec: Record, fmt: str = "auto", text_field: str = "text") -> s
 def _field(rec: Record, key: str, required: bool = True, kinds: tuple = (str,), what: str = "a string") -> Any:
     value = rec.data.get(key)
     if value is None:
+        if required and key in rec.data:  # present but null: not a naming problem
+            raise ZhtuneError(f"field {key!r} is null", where=rec.source, expected=f"{key}: {what}")
         if required:
             raise ZhtuneError(f"record has no {key!r} field (keys: {sorted(rec.data)})", where=rec.source,
                               expected=f"{key}: {what}", hint="map your field names with columns={ours: yours}")

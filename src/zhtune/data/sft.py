@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from zhtune.config import TrainConfig
 from zhtune.data.prepare import IGNORE, Counts, DatasetBundle, prepare
 from zhtune.data.readers import Record, detect_format, to_messages, tokenizer_fingerprint
 from zhtune.errors import ZhtuneError
@@ -220,7 +221,7 @@ def make_collator(tokenizer) -> Collator:
 
 # --- the builder --------------------------------------------------------------------------------
 
-def check_split_options(cfg) -> None:
+def check_split_options(cfg: TrainConfig) -> None:
     if cfg.val_file and cfg.val_size:
         raise ZhtuneError("both val_file and val_size are set", where="val_file / val_size",
                           expected="one of them: a validation file, or a fraction/count to hold out")
@@ -331,7 +332,7 @@ class SftSpec:
                 f"({stats['label_tokens']:,} with a label) → {rows}{held}")
 
 
-def build_sft_dataset(cfg, tokenizer, template) -> DatasetBundle:
+def build_sft_dataset(cfg: TrainConfig, tokenizer, template) -> DatasetBundle:
     """cfg.dataset (+ val_file / val_size) -> tokenised, label-masked, optionally packed datasets."""
     check_split_options(cfg)
     spec = SftSpec(tokenizer, template, cfg.format, dict(cfg.columns), cfg.cutoff_len, cfg.train_on_prompt,

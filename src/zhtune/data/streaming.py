@@ -25,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from zhtune.config import TrainConfig
 from zhtune.data.files import LINE_KINDS, BLOCK, Segment, Source, find_sources, read_segment
 from zhtune.data.pretrain import block_columns, document_text, encode_documents, pretrain_spec
 from zhtune.data.sft import make_collator
@@ -97,7 +98,7 @@ def records_from(source: Source, start: int, fmt: str, columns: dict) -> Iterato
 class PretrainStream(torch.utils.data.IterableDataset):
     """Blocks of cutoff_len tokens made while iterating (see the module docstring); infinite."""
 
-    def __init__(self, spec, cfg):
+    def __init__(self, spec, cfg: TrainConfig):
         self.spec, self.fmt, self.columns = spec, cfg.format, dict(cfg.columns)
         self.max_samples, self.strict = cfg.max_samples, cfg.strict
         self.sources = [(i, s) for i, entry in enumerate(cfg.dataset)
@@ -233,7 +234,7 @@ def attach(trainer, data: DatasetBundle) -> None:
         trainer.args.ignore_data_skip = True
 
 
-def build_streaming_dataset(cfg, tokenizer) -> DatasetBundle:
+def build_streaming_dataset(cfg: TrainConfig, tokenizer) -> DatasetBundle:
     """The training stream (+ the eval set from val_file, prepared in the cache: it is small)."""
     spec = pretrain_spec(cfg, tokenizer)
     if not spec.packing:
