@@ -127,14 +127,14 @@ def test_data_errors_come_before_the_model_loads(tmp_path, tiny_model_dir):
 
 
 def test_a_path_looking_dataset_is_never_a_hub_id(tmp_path, monkeypatch):
-    from zhtune.data.readers import resolve_entry
+    from zhtune.data.files import find_sources
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     for entry in ("data/train", "./train", "/no/such/dir", "~/no-such-zhtune-dir/x"):
         with pytest.raises(ZhtuneError, match="dataset path not found"):
-            resolve_entry(entry, "dataset")
-    assert resolve_entry("someone/chinese-corpus", "dataset") == "someone/chinese-corpus"
+            find_sources(entry, "dataset")
+    assert [s.kind for s in find_sources("someone/chinese-corpus", "dataset")] == ["hub"]
 
 
 def test_estimate_names_malformed_json(tmp_path, capsys):
