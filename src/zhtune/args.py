@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import sys
 import textwrap
 from pathlib import Path
 
@@ -13,9 +15,39 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     """Keep our hand-wrapped descriptions/epilogs and show defaults next to flags."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a misspelled flag is named first, with the closest real one: argparse alone would
+    report `--vocab-sise 100` as "required: --vocab-size" and never mention what the user typed."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        known = list(self._option_string_actions)
+        for word in getattr(self, "_argv", []):
+            flag = str(word).split("=", 1)[0]
+            if word == "--":
+                break
+            if flag.startswith("--") and not any(k.startswith(flag) for k in known):
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7)
+                message = f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "") + \
+                    ("" if message.startswith("unrecognized") else f"; {message}")
+                break
+        super().error(message)
+
+    def _get_value(self, action, arg_string):
+        """Our argparse types raise ZhtuneError (not ValueError, which argparse would reword): name the flag."""
+        try:
+            return super()._get_value(action, arg_string)
+        except ZhtuneError as exc:
+            exc.where = exc.where or "/".join(action.option_strings) or action.dest
+            raise
+
+
 def make_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
     """A parser for `zhtune <prog>`; `examples` is shown under the flags in --help."""
-    return argparse.ArgumentParser(
+    return _Parser(
         prog=f"zhtune {prog}",
         description=textwrap.dedent(description).strip(),
         epilog="examples / 示例:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
@@ -42,6 +74,34 @@ def bounded_int(flag: str, low: int, high: int):
         if not low <= value <= high:
             raise ZhtuneError(f"{flag} {value} is out of range", where=flag, expected=f"an integer in {low}..{high}")
         return value
+
+    return parse
+
+
+def bounded_float(flag: str, low: float, high: float = float("inf"), low_open: bool = False):
+    """argparse type: a number in [low, high] ((low, high] with low_open); anything else names `flag`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        inside = (value > low if low_open else value >= low) and value <= high   # nan is never inside
+        if not inside:
+            bound = f"> {low:g}" if low_open else f">= {low:g}"
+            raise ZhtuneError(f"{flag} {text!r} is out of range", where=flag,
+                              expected=f"a number {bound}" + (f" and <= {high:g}" if high != float("inf") else ""))
+        return value
+
+    return parse
+
+
+def output_file(flag: str):
+    """argparse type: a file to write; an existing folder there is named now, not after the work."""
+    def parse(text: str) -> Path:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            raise ZhtuneError(f"{flag} is a folder: {path}", where=flag, expected="a file path to write")
+        return path
 
     return parse
 
