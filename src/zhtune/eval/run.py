@@ -71,6 +71,9 @@ def _model_name(args: argparse.Namespace, model: str) -> str:
 
 def _check(args: argparse.Namespace) -> None:
     """Flag combinations, before any model loads."""
+    from zhtune.infer.options import params_from_args
+
+    params_from_args(args, "eval")   # an out-of-range sampling flag is named whatever the task
     if len(args.model) > 1 and args.task != "ppl":
         raise ZhtuneError(f"{len(args.model)} --model given for --task {args.task}", where="--model",
                           expected="one --model (several only for --task ppl)")

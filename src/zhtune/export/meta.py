@@ -294,7 +294,7 @@ def _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwr
 
 
 def main(argv: list[str]) -> int:
-    from zhtune.args import existing_path, make_parser, parse_size
+    from zhtune.args import bounded_int, existing_path, make_parser, parse_size
 
     parser = make_parser(
         "convert meta",
@@ -315,7 +315,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="output dtype; None keeps the stored one")
     parser.add_argument("--max-shard-size", default="2GB", type=parse_size, help="largest output shard")
-    parser.add_argument("--context-length", type=int, default=None,
+    parser.add_argument("--context-length", type=bounded_int("--context-length", 1, 1 << 24), default=None,
                         help="max_position_embeddings; None: 2048 for LLaMA-1, 4096 for later ones")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output folder an earlier zhtune run wrote (never other files)")

@@ -100,6 +100,14 @@ def params_from_args(args: argparse.Namespace, front_end: str) -> GenParams:
         raise
 
 
+def check_front_end_args(args: argparse.Namespace, front_end: str) -> GenParams:
+    """Every flag of add_model_args / add_gen_args that can be checked without loading anything (the sampling
+    values, --backend against --model), for a front end with slow work before its engine loads (rag)."""
+    if getattr(args, "model", None):
+        pick_backend(args.model, args.backend)
+    return params_from_args(args, front_end)
+
+
 def engine_options(backend: str, args: argparse.Namespace, concurrency: int | None = None) -> dict:
     """The loading flags as the options `backend` takes (load_engine's docstring lists them all);
     `concurrency` (serve's --max-concurrency) sets how many streams decode together."""

@@ -158,11 +158,19 @@ def gguf_template(name: str | None, path: str | Path):
 
 
 def pick_backend(model: str | Path, backend: str | None) -> str:
-    if backend:
-        if backend not in BACKENDS:
-            raise ZhtuneError(f"unknown backend {backend!r}", where="--backend", expected=" | ".join(BACKENDS))
-        return backend
-    return "llamacpp" if str(model).lower().endswith(".gguf") else "hf"
+    gguf = str(model).lower().endswith(".gguf")
+    if not backend:
+        return "llamacpp" if gguf else "hf"
+    if backend not in BACKENDS:
+        raise ZhtuneError(f"unknown backend {backend!r}", where="--backend", expected=" | ".join(BACKENDS))
+    if backend != "llamacpp" and gguf and Path(model).is_file():
+        raise ZhtuneError(f"--backend {backend} cannot run a GGUF file: {model}", where="--backend",
+                          expected="--backend llamacpp (the default for .gguf)",
+                          hint="or give --model the HF folder the GGUF was exported from")
+    if backend == "llamacpp" and Path(model).is_dir():
+        raise ZhtuneError(f"--backend llamacpp runs a .gguf file; {model} is a folder", where="--backend",
+                          expected="a .gguf file (zhtune export gguf), or no --backend for an HF folder")
+    return backend
 
 
 def load_engine(model: str, loras: list[str] | tuple[str, ...] = (), backend: str | None = None,

@@ -236,7 +236,10 @@ def main(argv: list[str]) -> int:
         raise ZhtuneError("the question is empty", where="--question", expected="a non-empty question")
     if args.top_k < 1:
         raise ZhtuneError(f"--top-k {args.top_k} must be >= 1", where="--top-k", expected="an integer >= 1")
+    from zhtune.infer.options import check_front_end_args
     from zhtune.rag.index import load_embeddings, open_index
+
+    check_front_end_args(args, "rag")   # before the documents are read and embedded
 
     emb = load_embeddings(args.embedding, device=args.embedding_device)
     if args.retrieval == "auto":  # measured in docs/benchmarks.md: MiniLM's dense ranking drags hybrid down

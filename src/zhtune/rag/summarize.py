@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from zhtune.infer.options import check_front_end_args
+
+    check_front_end_args(args, "rag")   # before the documents are read and split
     chunks = split_documents(load_documents(args.docs), args.chunk_size, args.chunk_overlap)
     llm, budget = open_llm(args, sample=SUM_SYSTEM + "".join(c.page_content for c in chunks[:3]))
     stream_to = None if args.json else sys.stdout

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from zhtune.args import make_parser
+from zhtune.args import make_parser, output_file
 from zhtune.errors import ZhtuneError
 from zhtune.io import atomic_write_json
 
@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
                    help="HF tokenizer folder or SentencePiece .model (repeatable; the first is the reference)")
     p.add_argument("--text", action="append", required=True, metavar="FILE",
                    help="UTF-8 text, one text per line (repeatable)")
-    p.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
+    p.add_argument("--json", metavar="OUT", type=output_file("--json"), help="also write the numbers as JSON")
     args = p.parse_args(argv)
     lines = [line for text in args.text for line in read_lines(text)]
     rows, reference = [], None

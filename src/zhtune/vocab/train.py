@@ -326,7 +326,13 @@ def bytelevel_base(args):
     from zhtune.vocab.bytelevel import read_bytelevel, tokenizer_kind
 
     kind, found = tokenizer_kind(args.base)
-    return read_bytelevel(found) if kind == "bytelevel" else None
+    if kind == "bytelevel":
+        return read_bytelevel(found)
+    from zhtune.vocab.hf import read_sp_model, resolve_base
+
+    # a SentencePiece base adds nothing to training, but a --base that is no tokenizer at all is a mistake
+    read_sp_model(resolve_base(found), "--base SentencePiece model")
+    return None
 
 
 def train_bpe(sentences: list[str], args, base, out: Path) -> float:
