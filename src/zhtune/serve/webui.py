@@ -121,7 +121,9 @@ def build_app(engine, system: str | None = None, defaults: GenParams | None = No
     """The Gradio Blocks app for `engine` (not launched)."""
     import gradio as gr
 
-    d = defaults or GenParams(max_new_tokens=512, temperature=0.2)
+    from zhtune.infer.options import gen_defaults
+
+    d = defaults or gen_defaults("webui")   # the sliders start where `zhtune webui`'s flags do
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"## {TITLE}\n模型 model: `{engine.model_name}` · 后端 backend: {engine.backend} · "
                     f"模板 template: {engine.template.name}")
