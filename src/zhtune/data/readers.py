@@ -16,7 +16,8 @@ import itertools
 import json
 from typing import Any, Iterator
 
-from zhtune.data.files import Record, Segment, Unit, find_sources, read_segment
+from zhtune.data.files import Unit, find_sources
+from zhtune.data.formats import Record, Segment, read_segment
 from zhtune.errors import ZhtuneError
 
 FORMATS = ("text", "alpaca", "sharegpt", "messages", "preference")

@@ -26,7 +26,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from zhtune.config import TrainConfig
-from zhtune.data.files import LINE_KINDS, BLOCK, Segment, Source, find_sources, read_segment
+from zhtune.data.files import find_sources
+from zhtune.data.formats import BLOCK, LINE_KINDS, Segment, Source, read_segment
 from zhtune.data.pretrain import block_columns, document_text, encode_documents, pretrain_spec
 from zhtune.data.sft import make_collator
 from zhtune.data.prepare import DatasetBundle, prepare
