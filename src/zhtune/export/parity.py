@@ -32,18 +32,19 @@ class Parity:
                 f"top-1 agreement {self.top1_agreement:.1%}, token ids {'equal' if self.ids_equal else 'DIFFER'}")
 
 
-def compare(ref_rows, out_rows) -> Parity:
-    """ref/out: lists of [positions, vocab] float arrays (numpy or torch), one per prompt."""
+def compare(ref_rows, out_rows, tie: float = 0.0) -> Parity:
+    """ref/out: lists of [positions, vocab] float arrays (numpy or torch), one per prompt. A position agrees
+    on the top token when the output scores the reference's top token within `tie` of its own best: new
+    Chinese rows that start alike (the same first-piece row) leave near-ties that rounding may flip."""
     import numpy as np
 
     diff, agree, total, scale = 0.0, 0, 0, 0.0
     for r, o in zip(ref_rows, out_rows):
         r, o = np.asarray(r, dtype=np.float64), np.asarray(o, dtype=np.float64)
-        if r.shape != o.shape:  # another vocabulary (a model merged into the wrong base): nothing agrees
-            return Parity(float("inf"), 0.0, float(np.abs(r).max()))
         diff = max(diff, float(np.abs(r - o).max()))
         scale = max(scale, float(np.abs(r).max()))
-        agree += int((r.argmax(-1) == o.argmax(-1)).sum())
+        top = np.take_along_axis(o, r.argmax(-1)[:, None], -1)[:, 0]
+        agree += int((top >= o.max(-1) - tie).sum())
         total += r.shape[0]
     return Parity(diff, agree / max(total, 1), scale)
 
@@ -141,10 +142,13 @@ def verify_gguf(gguf: Path, model_dir: Path, quantised: bool, log=print, name: s
         raise ZhtuneError(f"llama.cpp tokenizes differently from transformers: {PROMPTS[bad]!r}",
                           where=str(gguf), expected=f"{hf_ids[bad]}", hint=f"llama.cpp gave {cpp_ids[bad]}")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    result = compare(hf_logits(model, hf_ids), cpp_rows)
+    ref = hf_logits(model, hf_ids)
+    share, top1 = LOGIT_TOLERANCE.get(out_type, LOGIT_TOLERANCE["bf16"])
+    scale = max(1.0, max(float(abs(r).max()) for r in ref))
+    # top-1 agreement up to ties within twice the allowed |Δlogit| (quantised: the exact argmax)
+    result = compare(ref, cpp_rows, tie=0.0 if quantised else 2 * share * scale)
     log(f"校验 verify (llama.cpp {name or gguf.name} vs transformers fp32, {len(PROMPTS)} zh/en prompts): "
         f"{result.line()}")
-    share, top1 = LOGIT_TOLERANCE.get(out_type, LOGIT_TOLERANCE["bf16"])
     ok = result.top1_agreement >= (0.75 if quantised else top1) and \
         (quantised or result.max_abs_diff <= share * max(1.0, result.max_abs_logit))
     if not ok:
