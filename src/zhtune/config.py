@@ -265,7 +265,8 @@ class TrainConfig:
     format: Literal["auto", "text", "alpaca", "sharegpt", "messages", "preference"] = opt(
         "auto", "record format; auto detects it from the keys")
     columns: dict[str, str] = opt({}, "map our field names to yours, e.g. {instruction: question, output: answer}")
-    template: str = opt("default", "chat template for sft/dpo (see `zhtune train --help-templates`)")
+    template: Optional[str] = opt(None, "chat template for sft/dpo (see `zhtune train --help-templates`); "
+                                        "default: the base's own chat_template when it is one of them, else default")
     cutoff_len: int = opt(512, "maximum tokens per sample (pt: block size)")
     packing: Optional[bool] = opt(None, "pack several samples per row without cross-attention "
                                         "(default: on for pt, off for sft/dpo)")

@@ -35,6 +35,8 @@ class Template:
     stop: tuple[str, ...] = ()      # extra stop strings for generation (besides eos)
     special_tokens: tuple[str, ...] = field(default=())  # literal tokens the tokenizer must know
     trim: bool = False              # strip whitespace around each message (LLaMA-3's official `| trim`)
+    system_always: bool = False     # write the system block even without a system prompt (LLaMA-3.1's)
+    strip_think: bool = False       # drop "<think>...</think>" from answers before the last one (Qwen3's)
 
     # --- rendering -------------------------------------------------------------------------
     def _fill(self, fmt: str, bos: str, eos: str, content: str = "", system: str = "") -> str:
@@ -80,7 +82,7 @@ class Template:
                 if system and self.first_user is not None:
                     text += self._fill(self.first_user, bos, eos, user, system)
                 else:
-                    if system:
+                    if system or self.system_always:
                         text += self._fill(self.system, bos, eos, system=system)
                     text += self._fill(self.user, bos, eos, user)
             else:
@@ -88,7 +90,10 @@ class Template:
                 text += self._fill(self.user, bos, eos, user)
             answer = ""
             if i + 1 < len(turns):
-                answer = self._fill(self.assistant, bos, eos, turns[i + 1]["content"])
+                content = turns[i + 1]["content"]
+                if self.strip_think and i + 2 < len(turns):  # an earlier answer: its reasoning is not kept
+                    content = content.split("</think>")[-1].lstrip("\n")
+                answer = self._fill(self.assistant, bos, eos, content)
             pairs.append((text, answer))
         return pairs
 
@@ -117,13 +122,15 @@ class Template:
             return "{{ " + (" ~ ".join(parts) if parts else "''") + " }}"
 
         content = "(message['content'] | trim)" if self.trim else "message['content']"
+        answer = (f"({content} if loop.last else {content}.split('</think>')[-1].lstrip('\\n'))"
+                  if self.strip_think else content)
         system = "(ns.system | trim)" if self.trim else "ns.system"
         first_user = (
             "{%- if ns.system -%}" + lit(self.first_user, content, system) + "{%- else -%}"
             + lit(self.user, content) + "{%- endif -%}"
             if self.first_user is not None
-            else "{%- if ns.system -%}" + lit(self.system, system=system) + "{%- endif -%}"
-            + lit(self.user, content)
+            else "{%- if ns.system" + (" or true" if self.system_always else "") + " -%}"
+            + lit(self.system, system=system) + "{%- endif -%}" + lit(self.user, content)
         )
         return (
             "{%- set ns = namespace(system=" + json.dumps(self.default_system) + ") -%}"
@@ -135,7 +142,7 @@ class Template:
             "{%- if message['role'] == 'user' -%}"
             "{%- if loop.first -%}" + first_user + "{%- else -%}"
             + lit(self.separator) + lit(self.turn_prefix) + lit(self.user, content) + "{%- endif -%}"
-            "{%- elif message['role'] == 'assistant' -%}" + lit(self.assistant, content) + "{%- endif -%}"
+            "{%- elif message['role'] == 'assistant' -%}" + lit(self.assistant, answer) + "{%- endif -%}"
             "{%- endfor -%}"
         )
 
@@ -163,23 +170,31 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
              user="[INST] {content} [/INST]", assistant=" {content} {eos}",
              first_user="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]", turn_prefix="{bos}",
              default_system=_LLAMA2_ZH_SYSTEM),
-    Template("llama3", "Llama-3 instruct header format (Meta-Llama-3-*-Instruct's template, token for token)",
-             prefix="<|begin_of_text|>",
-             system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-             user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\n",
-             assistant="{content}<|eot_id|>", stop=("<|eot_id|>",), trim=True,
-             special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    *[Template(name, description, prefix="<|begin_of_text|>",
+               system="<|start_header_id|>system<|end_header_id|>\n\n" + knowledge + "{system}<|eot_id|>",
+               user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+               assistant="{content}<|eot_id|>", stop=("<|eot_id|>",), trim=True, system_always=bool(knowledge),
+               special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+      for name, description, knowledge in [
+          ("llama3", "Llama-3 instruct header format (Meta-Llama-3-*-Instruct's template, token for token)", ""),
+          ("llama3.1", "Llama-3.1 / 3.3 instruct: a system block always, with the knowledge date lines "
+                       "(Llama-3.1-*-Instruct's template without tools, token for token)",
+           "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"),
+      ]],
     *[Template(name, description, prefix="", system="<|im_start|>system\n{system}<|im_end|>\n",
                user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
                assistant="{content}<|im_end|>\n", default_system=system, stop=("<|im_end|>",),
-               special_tokens=("<|im_start|>", "<|im_end|>"))
+               special_tokens=("<|im_start|>", "<|im_end|>"), strip_think=name == "qwen3")
       for name, description, system in [
           ("chatml", "ChatML <|im_start|> turns, no default system prompt (SmolLM2, OpenHermes, ...)", ""),
           ("qwen", "Qwen / Qwen2-Instruct ChatML with its default system prompt", "You are a helpful assistant."),
           ("qwen2.5", "Qwen2.5-Instruct ChatML with its default system prompt",
            "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
-          ("qwen3", "Qwen3 ChatML, no default system prompt (thinking mode: the model writes <think> itself)", ""),
+          ("qwen3", "Qwen3 ChatML, no default system prompt; earlier answers lose their <think> part "
+                    "(thinking mode: the model writes <think> itself)", ""),
+          ("smollm2", "SmolLM2-Instruct ChatML with its default system prompt",
+           "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
       ]],
     Template("mistral", "Mistral instruct [INST] format (system folded into the first turn)",
              user="[INST] {content} [/INST]", assistant="{content}{eos}",
@@ -221,6 +236,8 @@ _PROBES = [
     [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
     [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
      {"role": "user", "content": "Q2"}],
+    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA1"},
+     {"role": "user", "content": "Q2"}],  # a reasoning model's earlier answer (Qwen3 drops the reasoning)
 ]
 
 
@@ -276,6 +293,27 @@ def tokenizer_chat_template(folder) -> tuple[str | None, str, str]:
         chat = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     bos, eos = text(cfg.get("bos_token"), "<s>"), text(cfg.get("eos_token"), "</s>")
     return (chat if isinstance(chat, str) else None), bos, eos
+
+
+def training_template(name: str | None, folders) -> tuple[Template, str]:
+    """(template, where it came from) for a training run: `name` when given ("template"); else the registry
+    template the base's own chat_template renders like, in the first of `folders` (tokenizer, then model)
+    that has one; else "default" (with why, when the base's chat_template is none of ours)."""
+    from pathlib import Path
+
+    if name:
+        return get_template(name), "template"
+    for folder in folders:
+        if not folder or not Path(folder).expanduser().is_dir():
+            continue
+        chat_template, bos, eos = tokenizer_chat_template(Path(folder).expanduser())
+        if chat_template:
+            found = match_chat_template(chat_template, bos, eos)
+            if found is not None:
+                return found, f"the chat_template of {folder}"
+            return TEMPLATES["default"], (f"default: the chat_template of {folder} is none of zhtune's templates; "
+                                          "name one with template=NAME (zhtune train --help-templates)")
+    return TEMPLATES["default"], "default"
 
 
 def template_for_model(folder, name: str | None = None) -> tuple[Template, str]:

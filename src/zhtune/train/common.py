@@ -181,14 +181,21 @@ def run_parents(cfg: TrainConfig) -> dict[str, str]:
 
 
 def template_for(cfg: TrainConfig):
-    """The config's chat template; an unknown name is an error that names the `template` key."""
-    from zhtune.data.templates import get_template
+    """The config's chat template (an unknown name is an error that names the `template` key); none named:
+    the base's own chat_template when it is a registry template, else default. The choice is written back
+    into cfg.template, so run.yaml records it and a resumed run finds the same one."""
+    from zhtune.data.templates import training_template
 
     try:
-        return get_template(cfg.template)
+        template, source = training_template(cfg.template, [cfg.tokenizer_name_or_path, cfg.model_name_or_path])
     except ZhtuneError as exc:
         exc.where = exc.where or "template"
         raise
+    if cfg.template is None:
+        cfg.template = template.name
+        if is_main_process():
+            print(f"对话模板 template: {template.name} ({source})", flush=True)
+    return template
 
 
 # --- model ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from zhtune.config import TrainConfig
 from zhtune.train.callbacks import describe_outputs, describe_setup
 from zhtune.train.common import (prepare_model, prepare_output_dir, prepare_tokenizer, record_run, run_parents,
-                                 save_outputs, train_and_evaluate, training_arguments)
+                                 save_outputs, template_for, train_and_evaluate, training_arguments)
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 REFERENCE_FREE = ("orpo", "simpo")
@@ -108,11 +108,10 @@ def reward_metrics(log_history: list[dict]) -> dict[str, dict]:
 
 def run(cfg: TrainConfig) -> Path:
     from zhtune.data.preference import build_preference_dataset
-    from zhtune.data.templates import get_template
     from zhtune.model.adapter import adapter_summary
 
     # --- setup: template, output folder, policy model (+ adapter config for TRL), pairs, trainer
-    template = get_template(cfg.template)
+    template = template_for(cfg)
     parents = run_parents(cfg)
     out, resume = prepare_output_dir(cfg)
     tokenizer = prepare_tokenizer(cfg, template)
