@@ -240,3 +240,18 @@ def test_convert_meta_malformed_params_json(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "params.json is not valid JSON" in err and f"{src / 'params.json'}:1:" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_an_adapter_trained_on_the_merge_of_the_earlier_ones_is_accepted(tmp_path, tiny_model_dir, pt_adapter,
+                                                                          sft_adapter):
+    """Chinese-LLaMA-Alpaca's recipe: pt -> merge -> sft on the merged model -> merge pt + sft into the base."""
+    from zhtune.io import write_run_yaml
+
+    merged_pt = M.merge(tiny_model_dir, [pt_adapter], tmp_path / "merged_pt", **QUIET)
+    sft = shutil.copytree(sft_adapter, tmp_path / "sft_out" / "sft_lora_model")
+    write_run_yaml(sft.parent, "sft", {"model_name_or_path": str(merged_pt), "template": "alpaca"},
+                   {"model": str(merged_pt)})
+    out = M.merge(tiny_model_dir, [pt_adapter, sft], tmp_path / "both", **QUIET)
+    assert (out / "config.json").is_file()
+    with pytest.raises(ZhtuneError, match="was trained on"):  # alone, its base is the merged model, not tiny
+        M.merge(tiny_model_dir, [sft], tmp_path / "sft_only", **QUIET)
