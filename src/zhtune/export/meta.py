@@ -8,6 +8,11 @@ Three things differ from the HF layout, and all of them live here, once:
 - rotary layout: Meta rotates interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves. HF's q/k rows
   are Meta's rows permuted per head (`to_hf_qk` / `to_meta_qk`); GGUF uses Meta's layout too;
 - model parallelism: each rank holds a slice of every column/row-parallel weight (`SPLIT_DIM`).
+LLaMA-3.x downloads differ once more: tokenizer.model is a tiktoken file (base64 token, rank) whose 256
+special tokens live in Meta's code, params.json's use_scaled_rope means rope_type llama3, and LLaMA-3.2's
+1B/3B tie their output to the embeddings. `convert meta` writes them as transformers' own conversion
+script does (a byte-level tokenizer.json with ignore_merges, rope_parameters llama3, a tied head), and
+`merge --format pth` writes them back.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from zhtune.errors import ZhtuneError
@@ -107,7 +113,8 @@ def params_from_config(config: dict) -> dict:
     kv = config.get("num_key_value_heads") or config["num_attention_heads"]
     if kv != params["n_heads"]:
         params["n_kv_heads"] = kv
-    for multiple_of, mult in [(256, None), (4096, 1.3), (1024, 1.3), (256, 1.3), (1024, None), (4096, None)]:
+    for multiple_of, mult in [(256, None), (4096, 1.3), (1024, 1.3), (256, 1.3), (256, 1.5), (1024, None),
+                              (4096, None)]:
         if meta_ffn_size(dim, multiple_of, mult) == inter:
             break
     else:  # any width: round up to a multiple of itself, from a multiplier that lands just below it
@@ -118,35 +125,142 @@ def params_from_config(config: dict) -> dict:
         params["ffn_dim_multiplier"] = mult
     if meta_ffn_size(dim, multiple_of, mult) != inter:
         raise ZhtuneError(f"cannot express intermediate_size={inter} in params.json", where="config.json")
-    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     if theta != 10000.0:
         params["rope_theta"] = theta
+    if rope.get("rope_type", rope.get("type")) == "llama3":  # LLaMA-3.1+: Meta's apply_scaling
+        params["use_scaled_rope"] = True
+        if float(rope.get("factor", 8.0)) != 8.0:  # 3.2's 32; Meta's code defaults to 8
+            params["rope_scaling_factor"] = float(rope["factor"])
     return params
 
 
-def config_from_params(params: dict, vocab_size: int, context_length: int | None = None) -> dict:
-    """params.json -> config.json (dict) for LlamaForCausalLM (transformers 5: rope_parameters)."""
+def config_from_params(params: dict, vocab_size: int, context_length: int | None = None,
+                       llama3: Llama3 | None = None) -> dict:
+    """params.json -> config.json (dict) for LlamaForCausalLM (transformers 5: rope_parameters). llama3:
+    a LLaMA-3.x download (tiktoken tokenizer): its rope scaling, context, special token ids, tied head."""
     from transformers import LlamaConfig
 
     try:
         dim, n_heads = int(params["dim"]), int(params["n_heads"])
         inter = meta_ffn_size(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))
+        # params.json rarely says; LLaMA-1 (norm_eps 1e-6) was trained on 2048, LLaMA-2 on 4096, 3 on 8192,
+        # 3.1+ on 131072 (transformers' CONTEXT_LENGTH_FOR_VERSION)
+        default_context = (2048 if float(params.get("norm_eps", 1e-5)) <= 1e-6 else 4096) if llama3 is None \
+            else (8192 if llama3.version == "3" else 131072)
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=dim, intermediate_size=inter,
             num_hidden_layers=int(params["n_layers"]), num_attention_heads=n_heads,
             num_key_value_heads=int(params.get("n_kv_heads") or n_heads),
             rms_norm_eps=float(params.get("norm_eps", 1e-5)),
-            # params.json rarely says; LLaMA-1 (norm_eps 1e-6) was trained on 2048, later ones on 4096+
-            max_position_embeddings=int(context_length or params.get("max_seq_len") or
-                                        (2048 if float(params.get("norm_eps", 1e-5)) <= 1e-6 else 4096)),
-            rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
-            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+            max_position_embeddings=int(context_length or params.get("max_seq_len") or default_context),
+            rope_parameters=llama3_rope(params, llama3.version if llama3 else None),
+            bos_token_id=llama3.bos if llama3 else 1, eos_token_id=llama3.eos if llama3 else 2,
+            tie_word_embeddings=bool(llama3 and llama3.tied),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ZhtuneError(f"params.json is missing or has a bad value: {exc}", where="params.json",
                           expected="dim, n_layers, n_heads, norm_eps, multiple_of (Meta's format)") from None
     config.architectures = ["LlamaForCausalLM"]
     return config.to_dict()
+
+
+# ---- LLaMA-3.x: tiktoken tokenizer.model, Meta's 256 special tokens, rope scaling -----------------------------
+LLAMA3_VERSIONS = ("3", "3.1", "3.2", "3.3")
+LLAMA3_SPECIALS = 256
+
+
+def llama3_special_tokens(version: str) -> list[str]:
+    """The special tokens Meta's tokenizer.py numbers after the tiktoken ranks (as transformers' conversion
+    script lists them): LLaMA-3, and 3.1 onwards (eom, python_tag, finetune_right_pad)."""
+    if version == "3":
+        named = ["<|begin_of_text|>", "<|end_of_text|>", *[f"<|reserved_special_token_{i}|>" for i in range(4)],
+                 "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+        return named + [f"<|reserved_special_token_{i}|>" for i in range(5, LLAMA3_SPECIALS - 5)]
+    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+             "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+             "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    return named + [f"<|reserved_special_token_{i}|>" for i in range(3, LLAMA3_SPECIALS - 8)]
+
+
+@dataclass
+class Llama3:
+    """What a LLaMA-3.x download needs beyond params.json: its version and the tokenizer's ids."""
+    version: str
+    specials: dict[str, int]   # special token -> id (the first ids no tiktoken rank uses)
+    tied: bool = False
+
+    @property
+    def bos(self) -> int:
+        return self.specials["<|begin_of_text|>"]
+
+    @property
+    def eos(self) -> int:
+        return self.specials["<|end_of_text|>"]
+
+    @property
+    def stops(self) -> list[int]:  # generation stops at the end of text, of a message (3.1+), of a turn
+        return [self.specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in self.specials]
+
+
+def llama3_version(params: dict, version: str | None = None) -> str:
+    """The version named, else: no scaled rope -> 3; scaled rope and at most 3072 wide (3.2's 1B/3B) -> 3.2;
+    else 3.1 (3.3 converts as 3.1)."""
+    if version:
+        return version
+    if not params.get("use_scaled_rope"):
+        return "3"
+    return "3.2" if int(params.get("dim", 0)) <= 3072 else "3.1"
+
+
+def llama3_specials(ranks: dict[bytes, int], version: str) -> dict[str, int]:
+    """Meta's special tokens at the first ids after the ranks 0..n-1 (tokens added after them keep theirs)."""
+    first = next(i for i in range(len(ranks) + 1) if i not in set(ranks.values()))
+    return {t: first + k for k, t in enumerate(llama3_special_tokens(version))}
+
+
+def llama3_rope(params: dict, version: str | None) -> dict:
+    """rope_parameters: LLaMA-3.1+'s use_scaled_rope is rope_type llama3 with Meta's constants (factor 8,
+    32 for 3.2, or params' rope_scaling_factor; low/high frequency factors 1 and 4; original context 8192)."""
+    theta = float(params.get("rope_theta", 500000.0 if version else 10000.0))
+    if not params.get("use_scaled_rope"):
+        return {"rope_type": "default", "rope_theta": theta}
+    factor = float(params.get("rope_scaling_factor") or (32.0 if version == "3.2" else 8.0))
+    return {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": float(params.get("rope_high_freq_factor", 4.0)),
+            "original_max_position_embeddings": 8192}
+
+
+def write_llama3_tokenizer(llama3: Llama3, ranks: dict[bytes, int], out: Path, context: int) -> None:
+    """tokenizer.json (+ tokenizer_config.json) of a tiktoken tokenizer.model with Meta's special tokens."""
+    from zhtune.io import atomic_write_json, atomic_write_text
+    from zhtune.vocab.bytelevel import PRE_TOKENIZER_REGEX, tiktoken_tokenizer
+
+    tok = tiktoken_tokenizer(ranks, llama3.specials, "<|begin_of_text|>", PRE_TOKENIZER_REGEX["llama3"])
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True) + "\n")
+    atomic_write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>", "add_bos_token": True, "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"], "model_max_length": context})
+
+
+def tiktoken_of_hf(hf_dir: Path) -> str | None:
+    """tokenizer.model (tiktoken text) for an HF LLaMA-3 folder, None for a SentencePiece one; a byte-level
+    tokenizer without Meta's special tokens after its ranks is refused (Meta's code could not number them)."""
+    from zhtune.vocab.bytelevel import is_bytelevel, read_bytelevel, tiktoken_text, token_bytes
+
+    if not (hf_dir / "tokenizer.json").is_file() or not is_bytelevel(read_json(hf_dir / "tokenizer.json")):
+        return None
+    bpe = read_bytelevel(hf_dir / "tokenizer.json")
+    specials = {t["content"]: t["id"] for t in bpe.added}
+    ranks = {token_bytes(t): i for t, i in bpe.vocab.items() if t not in specials and token_bytes(t) is not None}
+    if not any(specials == llama3_specials(ranks, v) for v in LLAMA3_VERSIONS):
+        raise ZhtuneError(f"{hf_dir / 'tokenizer.json'} is a byte-level tokenizer without LLaMA-3's 256 special "
+                          "tokens after its ranks", where=str(hf_dir),
+                          expected="a LLaMA-3.x tokenizer (Meta's layout numbers its special tokens itself)",
+                          hint="keep this model in the HF layout: zhtune merge --format hf")
+    return tiktoken_text({t: i for t, i in bpe.vocab.items() if t not in specials})
 
 
 def num_shards_for(config: dict, model_size: str | None = None) -> int:
@@ -178,6 +292,7 @@ def hf_to_meta(hf_dir: str | Path, out_dir: str | Path, num_shards: int | None =
     if kv % n or config["hidden_size"] % n or config["intermediate_size"] % n:
         raise ZhtuneError(f"cannot split into {n} model-parallel shards", where="--num-shards",
                           expected=f"a divisor of num_key_value_heads ({kv}) and hidden_size")
+    tiktoken = tiktoken_of_hf(hf_dir)  # checked before any tensor is written
     reader = WeightReader(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(n):
@@ -195,13 +310,17 @@ def hf_to_meta(hf_dir: str | Path, out_dir: str | Path, num_shards: int | None =
             elif meta.endswith("attention.wk.weight"):
                 w = to_meta_qk(w, kv)
             dim = SPLIT_DIM.get(_kind(meta))
+            if meta == "tok_embeddings.weight" and tiktoken is not None:
+                dim = 0  # LLaMA-3's VocabParallelEmbedding splits the vocabulary, not the width
             if dim is not None and n > 1:
                 w = torch.chunk(w, n, dim=dim)[rank]
             shard[meta] = w.clone().contiguous()  # clone: save only the slice, not the whole storage
         torch.save(shard, out_dir / f"consolidated.{rank:02d}.pth")
         del shard
     (out_dir / "params.json").write_text(json.dumps(params_from_config(config), indent=2) + "\n", encoding="utf-8")
-    if (hf_dir / "tokenizer.model").is_file():
+    if tiktoken is not None:  # LLaMA-3.x: Meta's tiktoken file, ranks = the HF ids
+        (out_dir / "tokenizer.model").write_text(tiktoken, encoding="utf-8")
+    elif (hf_dir / "tokenizer.model").is_file():
         shutil.copyfile(hf_dir / "tokenizer.model", out_dir / "tokenizer.model")
     return out_dir
 
@@ -227,7 +346,7 @@ def _meta_files(input_dir: Path, model_size: str | None) -> tuple[Path, list[Pat
 
 def meta_to_hf(input_dir: str | Path, output_dir: str | Path, model_size: str | None = None,
                max_shard_size: int = 2 * 1000**3, dtype=None, overwrite: bool = False,
-               context_length: int | None = None) -> Path:
+               context_length: int | None = None, llama_version: str | None = None) -> Path:
     """Convert Meta's layout to an HF folder (safetensors shards + index, config, tokenizer).
 
     The output is locked for the whole run and checked before any work."""
@@ -235,10 +354,33 @@ def meta_to_hf(input_dir: str | Path, output_dir: str | Path, model_size: str | 
 
     with output_lock(output_dir):
         check_output_dir(output_dir, overwrite)
-        return _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwrite, context_length)
+        return _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwrite, context_length,
+                           llama_version)
 
 
-def _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwrite, context_length) -> Path:
+def _llama3_of(tok_model: Path, params: dict, version: str | None, state: dict, shards: int, rows: int):
+    """(Llama3, tiktoken ranks) of a LLaMA-3.x download, (None, None) for a SentencePiece one. Tied: no
+    output.weight, or one equal to the embeddings (LLaMA-3.2 1B/3B ship a copy)."""
+    import torch
+
+    from zhtune.vocab.bytelevel import is_tiktoken_file, read_tiktoken
+
+    if not is_tiktoken_file(tok_model):
+        return None, None
+    token_ranks = read_tiktoken(tok_model)
+    version = llama3_version(params, version)
+    llama3 = Llama3(version, llama3_specials(token_ranks, version))
+    if max(llama3.specials.values()) >= rows or max(token_ranks.values()) >= rows:
+        raise ZhtuneError(f"{tok_model} has ids up to {max(max(llama3.specials.values()), max(token_ranks.values()))} "
+                          f"(its ranks and LLaMA-3's {LLAMA3_SPECIALS} special tokens) but tok_embeddings only "
+                          f"{rows} rows", where=str(tok_model), expected="the tokenizer.model of this checkpoint")
+    out = state.get("output.weight")
+    llama3.tied = out is None or (shards == 1 and torch.equal(out, state["tok_embeddings.weight"]))
+    return llama3, token_ranks
+
+
+def _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwrite, context_length,
+                llama_version=None) -> Path:
     import torch
 
     from zhtune.export.weights import TensorSpec, write_sharded_safetensors
@@ -253,10 +395,15 @@ def _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwr
     if vocab is None:
         raise ZhtuneError("consolidated.00.pth has no tok_embeddings.weight", where=str(files[0]),
                           expected="a LLaMA checkpoint")
+    if len(ranks) > 1 and ranks[0]["tok_embeddings.weight"].shape[1] == int(params.get("dim", -1)):
+        vocab *= len(ranks)  # LLaMA-3 shards the vocabulary (VocabParallelEmbedding)
     if isinstance(params.get("vocab_size"), int) and params["vocab_size"] > 0 and params["vocab_size"] != vocab:
         raise ZhtuneError(f"params.json vocab_size={params['vocab_size']} but tok_embeddings has {vocab} rows",
                           where=str(folder / "params.json"), expected="matching vocab sizes")
-    config = config_from_params(params, vocab, context_length)
+    llama3, token_ranks = _llama3_of(tok_model, params, llama_version, ranks[0], len(ranks), vocab)
+    if llama3 is not None and llama3.tied:
+        names = [k for k in names if k != "output.weight"]  # transformers ties lm_head to the embeddings
+    config = config_from_params(params, vocab, context_length, llama3)
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
 
     def split_dim(meta_name: str) -> int | None:
@@ -288,8 +435,13 @@ def _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwr
         write_sharded_safetensors(tmp, specs, tensor, max_shard_size)
         config["dtype"] = str(specs[0].dtype).replace("torch.", "")
         atomic_write_json(tmp / "config.json", config)
-        atomic_write_json(tmp / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
-        write_hf_tokenizer(tok_model, tmp)
+        if llama3 is None:
+            atomic_write_json(tmp / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+            write_hf_tokenizer(tok_model, tmp)
+        else:
+            atomic_write_json(tmp / "generation_config.json", {"bos_token_id": llama3.bos,
+                                                               "eos_token_id": llama3.stops})
+            write_llama3_tokenizer(llama3, token_ranks, tmp, config["max_position_embeddings"])
     return Path(output_dir)
 
 
@@ -301,11 +453,13 @@ def main(argv: list[str]) -> int:
         """
         把 Meta 官方权重 (consolidated.*.pth + params.json + tokenizer.model) 转成 HF 格式 (safetensors)。
         Convert Meta's LLaMA checkpoint to a Hugging Face folder: merges model-parallel shards (13B has 2,
-        70B has 8), handles grouped-query attention and the rotary q/k permutation.
+        70B has 8), handles grouped-query attention and the rotary q/k permutation; LLaMA-3.x: the tiktoken
+        tokenizer.model becomes a byte-level tokenizer.json, use_scaled_rope rope_type llama3, 3.2's head tied.
         """,
         """
         zhtune convert meta --input llama-2-7b/ --output llama-2-7b-hf/
         zhtune convert meta --input LLaMA/ --model-size 13B --output llama-13b-hf/ --dtype float16
+        zhtune convert meta --input Llama3.1-8B/ --output llama-3.1-8b-hf/   # tiktoken tokenizer, rope llama3
         """,
     )
     parser.add_argument("--input", required=True, type=existing_path,
@@ -316,7 +470,11 @@ def main(argv: list[str]) -> int:
                         help="output dtype; None keeps the stored one")
     parser.add_argument("--max-shard-size", default="2GB", type=parse_size, help="largest output shard")
     parser.add_argument("--context-length", type=bounded_int("--context-length", 1, 1 << 24), default=None,
-                        help="max_position_embeddings; None: 2048 for LLaMA-1, 4096 for later ones")
+                        help="max_position_embeddings; None: 2048 for LLaMA-1, 4096 for LLaMA-2, 8192 for "
+                             "LLaMA-3, 131072 for 3.1 onwards")
+    parser.add_argument("--llama-version", choices=LLAMA3_VERSIONS, default=None,
+                        help="LLaMA-3.x downloads (tiktoken tokenizer.model): its special tokens and rope "
+                             "scaling; None: 3 without use_scaled_rope, 3.2 when at most 3072 wide, else 3.1")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output folder an earlier zhtune run wrote (never other files)")
     args = parser.parse_args(argv)
@@ -324,6 +482,6 @@ def main(argv: list[str]) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = meta_to_hf(args.input, args.output, args.model_size, args.max_shard_size, dtype, args.overwrite,
-                     args.context_length)
+                     args.context_length, args.llama_version)
     print(f"已转换 converted: {args.input} -> {out}")
     return 0

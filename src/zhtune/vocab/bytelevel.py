@@ -228,3 +228,78 @@ def train_bytelevel(sentences: list[str], base: ByteLevelBPE, vocab_size: int, s
                                   show_progress=show_progress, special_tokens=[], min_frequency=2)
     tok.train_from_iterator(sentences, trainer=trainer, length=len(sentences))
     return tok
+
+
+# --- tiktoken files (Meta's LLaMA-3 tokenizer.model): one "base64(token bytes) rank" line per token ------------
+def is_tiktoken_file(path: str | Path) -> bool:
+    """A tiktoken BPE file (LLaMA-3's tokenizer.model), not a SentencePiece protobuf: its first line is
+    a base64 token and a rank."""
+    import base64
+    import binascii
+
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline(4096).split()
+        return len(first) == 2 and first[1].isdigit() and bool(base64.b64decode(first[0], validate=True))
+    except (OSError, ValueError, binascii.Error):
+        return False
+
+
+def read_tiktoken(path: str | Path, flag: str = "--input") -> dict[bytes, int]:
+    """{token bytes: rank} of a tiktoken file; a bad line is named by file:line."""
+    import base64
+    import binascii
+
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ZhtuneError(f"not a tiktoken line: {line[:60]!r}", where=f"{path}:{number}",
+                                  expected="base64 of the token's bytes, a space, its rank (LLaMA-3's tokenizer.model)",
+                                  hint=f"check {flag}") from None
+    if len(set(ranks.values())) != len(ranks):
+        raise ZhtuneError(f"{path} gives two tokens the same rank", where=str(path), expected="one rank per token")
+    return ranks
+
+
+def tiktoken_text(vocab: dict[str, int]) -> str:
+    """The tiktoken file of a byte-level vocabulary {token string: id} (special tokens left out: tiktoken keeps
+    them in code), ranks = ids, so reading it back gives the same ids."""
+    import base64
+
+    rows = sorted((i, token_bytes(t)) for t, i in vocab.items() if token_bytes(t) is not None)
+    return "".join(f"{base64.b64encode(data).decode()} {i}\n" for i, data in rows)
+
+
+def tiktoken_tokenizer(ranks: dict[bytes, int], specials: dict[str, int], bos: str | None, regex: str):
+    """A byte-level BPE `tokenizers.Tokenizer` that tokenizes as tiktoken does with these ranks: the regex split,
+    the whole-word lookup first (ignore_merges), then every split of every token as a merge ranked by the
+    joined token (all_split_merges, TikTokenConverter's order); the special tokens at their ids, BOS added."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {to_token(data): rank for data, rank in ranks.items()}
+    merges = all_split_merges(vocab)
+    taken = set(vocab.values())
+    clash = [s for s, i in specials.items() if i in taken]
+    if clash:
+        raise ZhtuneError(f"special token {clash[0]} has id {specials[clash[0]]}, which a tiktoken rank uses",
+                          expected="special tokens after (or between) the ranks, at ids no token has")
+    # the special tokens go into the model's vocabulary at their own ids: tokenizers would otherwise number
+    # them after the model's size, which a vocabulary with new tokens after the specials makes wrong
+    tok = Tokenizer(models.BPE(vocab={**vocab, **specials}, merges=merges, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if bos is not None:
+        steps.append(processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                   special_tokens=[(bos, specials[bos])]))
+    tok.post_processor = processors.Sequence(steps)
+    return tok
