@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from zhtune import __version__
+from zhtune.console import quiet_libraries
 from zhtune.errors import Terminated, ZhtuneError
 
 # subcommand -> ("module:function", one-line help). Longest match wins ("vocab train" before "vocab").
@@ -80,12 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = found
     module_name, func_name = COMMANDS[name][0].split(":")
-    import logging
-
-    # bitsandbytes (imported by peft when installed) logs a warning about an optional CPU kernel it
-    # would fetch from the Hub, on every import; it changes nothing for the user: keep it out of sight
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "gemm_4bit_forward" not in record.getMessage())
+    quiet_libraries(debug)   # library notices meant for library authors: shown only with --debug
     _terminate_like_interrupt()
     try:
         func = getattr(importlib.import_module(module_name), func_name)
