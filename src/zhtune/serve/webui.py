@@ -192,9 +192,15 @@ def main(argv: list[str]) -> int:
     with engine_from_args(args) as engine:
         app = build_app(engine, args.system, defaults)
         try:
+            # quiet: gradio's own banner points at launch(share=True), a Python API; ours names --share
             app.queue(default_concurrency_limit=16).launch(server_name=args.host, server_port=args.port,
-                                                           share=args.share, show_error=True)
+                                                           share=args.share, show_error=True, quiet=True,
+                                                           prevent_thread_lock=True)
         except OSError as exc:
             raise ZhtuneError(f"cannot listen on {args.host}:{args.port}: {exc}", where="--port",
                               hint="choose a free port with --port") from None
+        public = f" · 公网 public: {app.share_url}" if app.share_url else " (--share: a public link)"
+        print(f"zhtune webui: {app.local_url}{public} — 网页对话已启动 / serving; Ctrl-C 停止 / to stop",
+              file=sys.stderr, flush=True)
+        app.block_thread()
     return 0
