@@ -33,6 +33,7 @@ except ImportError as exc:  # the serve extra is optional
     raise ZhtuneError(f"zhtune serve needs the serve extra ({exc.name} is missing)",
                       hint="pip install 'zhtune[serve]'") from None
 from zhtune.infer.engine import Delta, Engine, GenParams, PromptTooLong, is_token_ids
+from zhtune.infer.options import gen_defaults
 from zhtune.serve.protocol import (ERROR_RESPONSES, MAX_CHOICES, MAX_EMBED_INPUTS, APIError, ChatRequest,
                                    CompletionRequest, EmbeddingRequest, chat_logprobs, embedding_item, join_legacy,
                                    legacy_logprobs, new_id, now, usage)
@@ -208,8 +209,9 @@ def to_messages(messages) -> list[dict]:
 
 
 def gen_params(req, max_tokens: int) -> GenParams:
-    """The request's sampling fields over zhtune's chat defaults; out of range -> 400 naming the field."""
-    params = GenParams(max_new_tokens=max_tokens)
+    """The request's sampling fields over serve's generation defaults; out of range -> 400 naming the field."""
+    params = gen_defaults("serve")
+    params.max_new_tokens = max_tokens
     for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "seed"):
         value = getattr(req, name)
         if value is not None:
@@ -233,7 +235,7 @@ def gen_params(req, max_tokens: int) -> GenParams:
 def budget(prompt_tokens: int, requested: int | None, context: int, prompt_param: str) -> int:
     """max_new_tokens for a prompt: the request's, checked against the context, or the rest of it."""
     if not context:
-        return requested if requested is not None else GenParams().max_new_tokens
+        return requested if requested is not None else gen_defaults("serve").max_new_tokens
     if prompt_tokens >= context:
         raise APIError(400, f"This model's maximum context length is {context} tokens; your prompt has "
                             f"{prompt_tokens} tokens. Shorten it.", param=prompt_param, code="context_length_exceeded")
