@@ -17,13 +17,15 @@ MODEL_FLAGS = ("--model", "--lora", "--backend", "--template", "--dtype", "--loa
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
+    from zhtune.eval.run import build_parser as eval_
     from zhtune.infer.chat import build_parser as chat
     from zhtune.rag.qa import build_parser as rag_qa
     from zhtune.rag.summarize import build_parser as rag_summarize
     from zhtune.serve.api import build_parser as serve
     from zhtune.serve.webui import build_parser as webui
 
-    return {"chat": chat(), "webui": webui(), "serve": serve(), "rag": rag_qa(), "rag summarize": rag_summarize()}
+    return {"chat": chat(), "webui": webui(), "serve": serve(), "rag": rag_qa(), "rag summarize": rag_summarize(),
+            "eval": eval_()}
 
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -48,7 +50,7 @@ def test_every_front_end_has_the_same_model_flags():
             assert _shape(have[flag]) == want[flag], f"{name} {flag} differs from zhtune.infer.options"
 
 
-@pytest.mark.parametrize("front_end", ["chat", "webui", "serve", "rag"])
+@pytest.mark.parametrize("front_end", ["chat", "webui", "serve", "rag", "eval"])
 def test_generation_defaults_have_one_home(front_end):
     parser = argparse.ArgumentParser()
     options.add_model_args(parser)
@@ -58,7 +60,34 @@ def test_generation_defaults_have_one_home(front_end):
     expected = GenParams(**options.GEN_DEFAULTS[front_end])
     assert params == expected
     assert (params.max_new_tokens, params.temperature) == {
-        "chat": (512, 0.2), "webui": (512, 0.2), "rag": (256, 0.2), "serve": (512, 0.7)}[front_end]
+        "chat": (512, 0.2), "webui": (512, 0.2), "rag": (256, 0.2), "serve": (512, 0.7), "eval": (512, 0.0)}[front_end]
+
+
+def test_the_guide_documents_each_front_ends_generation_defaults():
+    from pathlib import Path
+
+    guide = Path(__file__).resolve().parents[2] / "docs" / "guides" / "chat.md"
+    rows = [line.split("|")[1:7] for line in guide.read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in options.GEN_DEFAULTS]
+    assert {r[0].strip() for r in rows} == set(options.GEN_DEFAULTS), "one row per front end"
+    for name, *values in rows:
+        d = options.gen_defaults(name.strip())
+        want = [d.max_new_tokens, d.temperature, d.top_p, d.top_k, d.repetition_penalty]
+        assert [float(v) for v in values] == [float(w) for w in want], name
+
+
+def test_front_ends_write_no_generation_default_of_their_own():
+    """GenParams(...) with a literal value in a front end would be a second home for a default."""
+    import ast
+    from pathlib import Path
+
+    src = Path(options.__file__).resolve().parents[1]
+    for path in [src / "infer" / "chat.py", *(src / "serve").glob("*.py"), *(src / "rag").glob("*.py"),
+                 *(src / "eval").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "GenParams":
+                literal = [k.arg for k in node.keywords if isinstance(k.value, ast.Constant)]
+                assert not literal, f"{path.name}:{node.lineno} sets {literal} itself; use GEN_DEFAULTS"
 
 
 def test_out_of_range_sampling_flag_is_named():
