@@ -257,8 +257,12 @@ class TrainConfig:
     lora_dropout: float = opt(0.05, "dropout on the LoRA path")
     lora_target: list[str] = opt([], "module names to adapt; default: every linear projection of attention "
                                      "and MLP, found by inspecting the model")
-    modules_to_save: Optional[list[str]] = opt(None, "modules trained in full and saved with the adapter; "
-                                                     "default: embed_tokens,lm_head when the tokenizer grew")
+    modules_to_save: Optional[list[str]] = opt(None, "modules trained in full and saved with the adapter "
+                                                     "(overrides train_embeddings when set)")
+    train_embeddings: Literal["new_rows", "full", "none"] = opt(
+        "new_rows", "when the tokenizer grew, what of embed_tokens / lm_head trains: new_rows = only the added rows "
+                    "(peft trainable tokens: the old rows and their optimizer states are never copied); full = both "
+                    "whole matrices (modules_to_save, as Chinese-LLaMA-Alpaca did); none")
     peft_path: Optional[str] = opt(None, "an existing adapter folder to continue training")
     # data
     dataset: list[str] = opt([], "training files or folders (.txt, .json, .jsonl), or Hub dataset names")
@@ -296,7 +300,10 @@ class TrainConfig:
     warmup_ratio: float = opt(0.0, "fraction of steps for linear warm-up")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping")
-    optim: str = opt("adamw_torch", "transformers optimizer name")
+    optim: str = opt("auto", "transformers optimizer name: adamw_torch, adamw_bnb_8bit (8-bit states), "
+                             "paged_adamw_32bit / paged_adamw_8bit (states spill to CPU RAM instead of running out of "
+                             "GPU memory), ...; auto = paged_adamw_32bit on a GPU with bitsandbytes (no DeepSpeed/FSDP), "
+                             "else adamw_torch")
     logging_steps: int = opt(10, "log every N steps")
     save_steps: int = opt(500, "checkpoint every N steps")
     save_total_limit: Optional[int] = opt(None, "keep at most N checkpoints")
@@ -306,6 +313,13 @@ class TrainConfig:
     fp16: bool = opt(False, "fp16 mixed precision")
     gradient_checkpointing: Optional[bool] = opt(None, "recompute activations to save memory "
                                                        "(default: on for qlora, off otherwise)")
+    offload_activations: bool = opt(False, "keep the activations saved for backward in CPU RAM instead of GPU "
+                                           "memory (with gradient_checkpointing: each layer's input); GPU only")
+    fused_loss: Literal["auto", "chunked", "liger", "plain"] = opt(
+        "auto", "LM head + cross-entropy without the [tokens x vocabulary] logits (pt, sft): chunked = in chunks "
+                "of positions, pure PyTorch, exact; liger = Liger Kernel's fused linear cross-entropy (GPU, pip "
+                "install 'zhtune[liger]'); auto = liger on a GPU when installed and the head is one plain matrix, "
+                "else chunked; plain = transformers' loss over full logits. dpo always uses TRL's own fused head")
     report_to: list[str] = opt(["none"], "tensorboard, wandb, ... or none")
     dataloader_num_workers: int = opt(0, "data loader worker processes")
     resume_from_checkpoint: Optional[str] = opt("auto", "auto: resume from the last checkpoint in output_dir; "

@@ -40,7 +40,7 @@ def test_qlora_trains_on_cpu_even_after_an_eval_forward(tiny_model_dir, bits):
     model = load_model(cfg)
     kind = "Linear4bit" if bits == 4 else "Linear8bitLt"
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == kind
-    model = attach_adapter(model, cfg, vocab_grew=False)
+    model = attach_adapter(model, cfg, new_rows=())
     ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     before = _lora_grad(model, ids)
     assert before > 0

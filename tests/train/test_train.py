@@ -94,10 +94,16 @@ def test_sft_on_a_grown_vocabulary(sft_grown_run, grown_tokenizer_dir):
     assert_falls(losses(sft_grown_run))
     adapter = sft_grown_run / "sft_lora_model"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert sorted(config["modules_to_save"]) == ["embed_tokens", "lm_head"]
     size = len(AutoTokenizer.from_pretrained(str(grown_tokenizer_dir)))
+    # train_embeddings=new_rows (the default): only the added rows train (peft trainable tokens)
+    assert not config.get("modules_to_save")
+    new_rows = list(range(1000, size))
+    assert config["trainable_token_indices"] == {"embed_tokens": new_rows, "lm_head": new_rows}
     weights = load_file(str(adapter / "adapter_model.safetensors"))
-    shapes = {k: tuple(v.shape) for k, v in weights.items() if "embed_tokens" in k or "lm_head" in k}
+    rows = {k: tuple(v.shape) for k, v in weights.items() if k.endswith("trainable_tokens_delta")}
+    assert len(rows) == 2 and all(s == (size - 1000, 64) for s in rows.values())
+    # the resized matrices (with their initialised new rows) are saved beside them, for merge
+    shapes = {k: tuple(v.shape) for k, v in weights.items() if k.endswith("base_layer.weight")}
     assert shapes and all(s == (size, 64) for s in shapes.values())
     saved = AutoTokenizer.from_pretrained(str(adapter))
     assert len(saved) == size

@@ -72,6 +72,8 @@ def describe_setup(cfg: TrainConfig, expansion, summary: dict, stats: dict, resu
                      f"alpha={cfg.lora_alpha})")
     if summary.get("modules_to_save"):
         lines.append(f"全量训练 modules_to_save: {', '.join(summary['modules_to_save'])}")
+    if summary.get("trainable_rows"):
+        lines.append(f"新词行 trainable rows: {summary['trainable_rows']}")
     for key, value in stats.items():
         if isinstance(value, (int, float, str)):
             lines.append(f"数据 data.{key}: {value}")

@@ -233,7 +233,7 @@ def prepare_model(cfg: TrainConfig, template=None, tokenizer=None):
     check_vocab_sizes(model, tokenizer)
     expansion = expand_embeddings(model, tokenizer, base_tokenizer_path(cfg), method=cfg.embedding_init,
                                   calibration=lambda: calibration_texts(cfg))  # read only if the vocab grew
-    model = attach_adapter(model, cfg, expansion.grew)
+    model = attach_adapter(model, cfg, new_rows=range(expansion.old_vocab, expansion.new_vocab))
     return tokenizer, model, expansion
 
 
@@ -247,6 +247,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, args_class=N
     from transformers import TrainingArguments
 
     from zhtune.model.load import device_kind, mixed_precision
+    from zhtune.train.memory import resolve_optim
 
     args_class = args_class or TrainingArguments
     bf16, fp16 = mixed_precision(cfg)
@@ -257,7 +258,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, args_class=N
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim, logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="steps",
+        optim=resolve_optim(cfg), logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed, bf16=bf16, fp16=fp16,
         eval_strategy="steps" if has_eval and cfg.eval_steps else "no", eval_steps=cfg.eval_steps,
         activation_checkpointing=bool(cfg.gradient_checkpointing),  # transformers 5's gradient_checkpointing

@@ -31,6 +31,7 @@ def prepare_policy(cfg: TrainConfig, template, tokenizer=None):
     """(tokenizer, model, expansion, peft_config): a new LoRA adapter is handed to TRL as a config so
     that TRL's reference pass is the model with the adapter disabled."""
     tokenizer, model, expansion = prepare_model(cfg, template, tokenizer)
+    _check_head(model)
     if cfg.finetuning_type == "full" or cfg.peft_path or cfg.pref_loss in REFERENCE_FREE:
         return tokenizer, model, expansion, None
     # attach_adapter resolved targets / modules_to_save (and prepared a quantised base); keep its config
@@ -39,8 +40,32 @@ def prepare_policy(cfg: TrainConfig, template, tokenizer=None):
     return tokenizer, model.unload(), expansion, peft_config
 
 
+def _check_head(model) -> None:
+    """TRL's fused head projects with `lm_head.weight`; a LoRA on lm_head (an adapter trained elsewhere) is not
+    in that matrix, so its log-probs would silently ignore it."""
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(model.get_output_embeddings(), LoraLayer):
+        raise ZhtuneError("peft_path has a LoRA on lm_head, which TRL's fused DPO head does not apply",
+                          where="peft_path", expected="an adapter without lm_head in its target_modules",
+                          hint="merge that adapter first (zhtune merge), then run dpo on the merged model")
+
+
+def expose_head_bias(model) -> None:
+    """TRL's fused head reads `lm_head.weight` and `lm_head.bias`. peft's TrainableTokensWrapper (the new rows
+    of a grown vocabulary) answers `.weight` with the trained matrix but has no `.bias` attribute; give it the
+    wrapped layer's bias (None for LLaMA-family heads), which its own forward ignores too."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    head = model.get_output_embeddings()
+    if isinstance(head, TrainableTokensWrapper) and "bias" not in head.__dict__:
+        head.bias = None
+
+
 def preference_arguments(cfg: TrainConfig, out: Path, has_eval: bool):
     """DPOConfig (or ORPOConfig / CPOConfig): the arguments every stage trains with + the loss settings."""
+    from zhtune.train.memory import offload_activations
+
     loss = dict(beta=cfg.pref_beta, max_length=cfg.cutoff_len, disable_dropout=True)
     if cfg.pref_loss == "orpo":
         from trl.experimental.orpo import ORPOConfig
@@ -53,8 +78,11 @@ def preference_arguments(cfg: TrainConfig, out: Path, has_eval: bool):
         return training_arguments(cfg, out, has_eval, CPOConfig, **loss, loss_type="simpo", cpo_alpha=0.0)
     from trl import DPOConfig
 
+    # TRL 1.16 computes the chosen/rejected log-probs through its own fused LM head (add_fused_lm_head:
+    # chunked, never the full [2B, T, V] logits; Triton on a GPU), so dpo needs no fused_loss of ours
     return training_arguments(cfg, out, has_eval, DPOConfig, **loss, loss_type=[cfg.pref_loss],
-                              truncation_mode="keep_start", precompute_ref_log_probs=cfg.finetuning_type == "full")
+                              truncation_mode="keep_start", precompute_ref_log_probs=cfg.finetuning_type == "full",
+                              activation_offloading=offload_activations(cfg))
 
 
 def make_preference_trainer(cfg: TrainConfig, model, tokenizer, data, out: Path, peft_config=None):
@@ -89,9 +117,11 @@ def make_preference_trainer(cfg: TrainConfig, model, tokenizer, data, out: Path,
         def create_model_card(self, *args, **kwargs):
             """TRL writes README.md into output_dir at every checkpoint; our output layout has none."""
 
-    return PreTokenizedDPOTrainer(model=model, ref_model=None, args=args, train_dataset=data.train,
-                                  eval_dataset=data.eval, processing_class=tokenizer, peft_config=peft_config,
-                                  callbacks=callbacks)
+    trainer = PreTokenizedDPOTrainer(model=model, ref_model=None, args=args, train_dataset=data.train,
+                                     eval_dataset=data.eval, processing_class=tokenizer, peft_config=peft_config,
+                                     callbacks=callbacks)
+    expose_head_bias(trainer.accelerator.unwrap_model(trainer.model))   # peft wrapped it inside TRL
+    return trainer
 
 
 def reward_metrics(log_history: list[dict]) -> dict[str, dict]:
@@ -109,11 +139,13 @@ def reward_metrics(log_history: list[dict]) -> dict[str, dict]:
 def run(cfg: TrainConfig) -> Path:
     from zhtune.data.preference import build_preference_dataset
     from zhtune.model.adapter import adapter_summary
+    from zhtune.train.memory import check_levers, describe_levers
 
     # --- setup: template, output folder, policy model (+ adapter config for TRL), pairs, trainer
     template = template_for(cfg)
     parents = run_parents(cfg)
     out, resume = prepare_output_dir(cfg)
+    check_levers(cfg)
     tokenizer = prepare_tokenizer(cfg, template)
     data = build_preference_dataset(cfg, tokenizer, template)  # bad pairs are named before the model loads
     tokenizer, model, expansion, peft_config = prepare_policy(cfg, template, tokenizer)
@@ -121,6 +153,8 @@ def run(cfg: TrainConfig) -> Path:
     print(describe_setup(cfg, expansion, adapter_summary(trainer.model), data.stats, resume), flush=True)
     print(f"偏好损失 preference loss: {cfg.pref_loss} (beta={cfg.pref_beta}); reference 参考模型: "
           + _describe_reference(cfg, trainer), flush=True)
+    print(describe_levers(cfg, None if cfg.pref_loss in REFERENCE_FREE else ("fused", "TRL's fused LM head")),
+          flush=True)
 
     # --- train (run.yaml first: the same command recognises a killed run and resumes it)
     record_run(cfg, out, parents)

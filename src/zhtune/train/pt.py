@@ -18,11 +18,14 @@ from zhtune.train.common import (make_trainer, prepare_model, prepare_output_dir
 def run(cfg: TrainConfig) -> Path:
     from zhtune.data.pretrain import build_pretrain_dataset
     from zhtune.model.adapter import adapter_summary
+    from zhtune.train.loss import LossTrainer
+    from zhtune.train.memory import check_levers, describe_levers, offload_activations, resolve_fused_loss
 
     # --- setup: output folder (or the run to resume), model + adapter, data, Trainer
     template = template_for(cfg)  # written into the saved tokenizer's chat_template for later stages
     parents = run_parents(cfg)
     out, resume = prepare_output_dir(cfg)
+    check_levers(cfg)
     tokenizer = prepare_tokenizer(cfg, template)
     if cfg.streaming:  # tokenised and packed while training; the stream's position goes into each checkpoint
         from zhtune.data.streaming import attach, build_streaming_dataset
@@ -31,10 +34,13 @@ def run(cfg: TrainConfig) -> Path:
     else:
         data = build_pretrain_dataset(cfg, tokenizer)  # bad data is named before the model loads
     tokenizer, model, expansion = prepare_model(cfg, tokenizer=tokenizer)
-    trainer = make_trainer(cfg, model, tokenizer, data, out)
+    loss = resolve_fused_loss(cfg, model)  # the LM head's loss without full logits (train/loss.py)
+    trainer = make_trainer(cfg, model, tokenizer, data, out, trainer_cls=LossTrainer, fused_loss=loss[0],
+                           offload_activations=offload_activations(cfg))
     if cfg.streaming:
         attach(trainer, data)
     print(describe_setup(cfg, expansion, adapter_summary(model), data.stats, resume), flush=True)
+    print(describe_levers(cfg, loss), flush=True)
 
     # --- train (run.yaml first: the same command recognises a killed run and resumes it)
     record_run(cfg, out, parents)

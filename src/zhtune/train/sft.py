@@ -18,16 +18,22 @@ from zhtune.train.common import (make_trainer, prepare_model, prepare_output_dir
 def run(cfg: TrainConfig) -> Path:
     from zhtune.data.sft import build_sft_dataset
     from zhtune.model.adapter import adapter_summary
+    from zhtune.train.loss import LossTrainer
+    from zhtune.train.memory import check_levers, describe_levers, offload_activations, resolve_fused_loss
 
     # --- setup: the template first (an unknown name fails before any loading), output folder, model, data
     template = template_for(cfg)
     parents = run_parents(cfg)
     out, resume = prepare_output_dir(cfg)
+    check_levers(cfg)
     tokenizer = prepare_tokenizer(cfg, template)  # installs the template's chat_template/tokens
     data = build_sft_dataset(cfg, tokenizer, template)  # bad data is named before the model loads
     tokenizer, model, expansion = prepare_model(cfg, tokenizer=tokenizer)
-    trainer = make_trainer(cfg, model, tokenizer, data, out)
+    loss = resolve_fused_loss(cfg, model)  # the LM head's loss without full logits (train/loss.py)
+    trainer = make_trainer(cfg, model, tokenizer, data, out, trainer_cls=LossTrainer, fused_loss=loss[0],
+                           offload_activations=offload_activations(cfg))
     print(describe_setup(cfg, expansion, adapter_summary(model), data.stats, resume), flush=True)
+    print(describe_levers(cfg, loss), flush=True)
 
     # --- train (run.yaml first: the same command recognises a killed run and resumes it)
     record_run(cfg, out, parents)
