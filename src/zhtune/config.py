@@ -301,9 +301,9 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping")
     optim: str = opt("auto", "transformers optimizer name: adamw_torch, adamw_bnb_8bit (8-bit states), "
-                             "paged_adamw_32bit / paged_adamw_8bit (states spill to CPU RAM instead of running out of "
-                             "GPU memory), ...; auto = paged_adamw_32bit on a GPU with bitsandbytes (no DeepSpeed/FSDP), "
-                             "else adamw_torch")
+                             "paged_adamw_32bit / paged_adamw_8bit (states spill to CPU RAM instead of running out "
+                             "of GPU memory), ...; auto = paged_adamw_32bit on a GPU with bitsandbytes (no "
+                             "DeepSpeed/FSDP), else adamw_torch")
     logging_steps: int = opt(10, "log every N steps")
     save_steps: int = opt(500, "checkpoint every N steps")
     save_total_limit: Optional[int] = opt(None, "keep at most N checkpoints")

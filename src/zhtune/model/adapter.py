@@ -140,5 +140,6 @@ def adapter_summary(model) -> dict:
         rows = config.trainable_token_indices
         if rows:
             ids = rows if isinstance(rows, list) else next(iter(rows.values()))
-            summary["trainable_rows"] = f"{len(ids)} new rows of {', '.join(rows) if isinstance(rows, dict) else 'embed_tokens'}"
+            where = ", ".join(rows) if isinstance(rows, dict) else "embed_tokens"
+            summary["trainable_rows"] = f"{len(ids)} new rows of {where}"
     return summary

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zhtune.config import TrainConfig
+from zhtune.errors import ZhtuneError
 from zhtune.train.callbacks import describe_outputs, describe_setup
 from zhtune.train.common import (prepare_model, prepare_output_dir, prepare_tokenizer, record_run, run_parents,
                                  save_outputs, template_for, train_and_evaluate, training_arguments)
