@@ -138,6 +138,23 @@ def test_trainer_loss_and_gradients_equal_the_plain_path(case, tmp_path):
         assert any("trainable_tokens_delta" in n and g.abs().sum() > 0 for n, g in grads.items())
 
 
+def test_new_row_head_keeps_no_copy_of_the_matrix(tmp_path):
+    """peft's new-row head builds its merged [V, H] matrix in its forward; the chunked path runs that forward
+    without autograd (it reads the rows itself), so no [V, H] tensor waits for backward."""
+    model = _model("new_rows")
+    trainer = _trainer(model, tmp_path, "chunked")
+    matrix = (VOCAB + NEW) * 32 * 4
+    for fused in ("chunked", "plain"):
+        trainer.fused_loss = fused
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.untyped_storage().nbytes()) or t,
+                                                      lambda t: t):
+            loss = trainer.compute_loss(model, {k: v.clone() for k, v in _batch().items()})
+        assert (matrix in sizes) == (fused == "plain"), fused
+        loss.backward()
+    assert torch.is_grad_enabled()
+
+
 def test_qlora_head_is_exact(tiny_model_dir, tmp_path):
     """QLoRA: 4-bit linear layers, the head stays a plain (fp32) matrix."""
     pytest.importorskip("bitsandbytes")

@@ -423,8 +423,8 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
     # --- the LM head's output and loss (train/loss.py); peft's new-row head keeps a merged copy of the matrix
     head_trains = full or plan.embeddings == "full" or (plan.embeddings == "new_rows" and plan.loss == "trl")
     logits = loss_bytes(shape, plan, tokens, act, head_trains)
-    if plan.embeddings == "new_rows" and not full:
-        logits += shape.vocab * shape.hidden * half   # F.linear saves the merged [V, h] weight for backward
+    if plan.embeddings == "new_rows" and not full and plan.loss in ("plain", "trl", "liger"):
+        logits += shape.vocab * shape.hidden * half   # peft's head keeps its merged [V, h] matrix for backward
     # the head's backward is done (its logits freed) before the last layer is recomputed: only the excess counts
     recompute = max(0.0, live - logits)
     buffers = 1e8 * half if ds else 0.0                               # ZeRO's gradient reduce bucket (1e8 elements)

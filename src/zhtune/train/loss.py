@@ -213,6 +213,31 @@ def last_hidden_state(model):
         handle.remove()
 
 
+@contextlib.contextmanager
+def head_without_grad(model):
+    """Run the output head's own forward (which sees no position here) without autograd. Its [B, 0, V]
+    output is discarded, but peft's new-row head builds its merged [V, H] matrix inside that forward
+    and F.linear would keep it for backward: a whole copy of the head held for nothing."""
+    head = model.get_output_embeddings()
+    state: list[bool] = []
+
+    def off(module, args):
+        state.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
+    def back(module, args, out):
+        torch.set_grad_enabled(state.pop())
+
+    handles = [head.register_forward_pre_hook(off), head.register_forward_hook(back)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if state:                                          # the forward raised inside the head
+            torch.set_grad_enabled(state.pop())
+
+
 class LossTrainer(Trainer):
     """transformers' Trainer with the LM-head loss computed here (`fused_loss`: chunked | liger | plain) and,
     on a GPU, the activations saved for backward kept in CPU RAM (`offload_activations`, TRL's offloader)."""
@@ -237,7 +262,7 @@ class LossTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         keep, targets = label_positions(inputs)
-        with last_hidden_state(unwrapped) as box:
+        with last_hidden_state(unwrapped) as box, head_without_grad(unwrapped):
             model(**inputs, logits_to_keep=torch.zeros_like(keep))   # the head sees no position: no logits
         hidden = box["hidden"][keep]                      # [N, H], row-major like the targets
         if self.fused_loss == "liger" and head.single_matrix:
