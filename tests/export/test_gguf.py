@@ -3,6 +3,8 @@ transformers, and its logits match (f32/f16) or agree on the top token (quantise
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from zhtune.errors import ZhtuneError
@@ -74,3 +76,81 @@ def test_refusals(tmp_path, merged_dir, copy_of):
 
     assert main(["export", "gguf", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "z.gguf")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["exists.gguf", no_sp.name])
+
+
+# --- byte-level BPE vocabularies and the other architectures --------------------------------------------------
+def test_every_supported_architecture_has_a_gguf_mapping():
+    from zhtune.model.load import SUPPORTED_MODEL_TYPES
+
+    assert set(G.ARCHS) == set(SUPPORTED_MODEL_TYPES)
+
+
+EDGE = ["  two leading spaces", "tab\tand\nnewlines\n\n", "1234567890 3.14159", "emoji 😀🎉 ok",
+        "全角ＡＢＣ１２３，。！", "中文 English 混合 mixed 123", "𠀀𠀁 rare 龘", "한국어 日本語のテキスト",
+        "it's I'M we'Ve", "def f(x):\n    return x"]
+
+
+@pytest.mark.parametrize("family", ["llama3", "gpt2", "qwen2", "smollm", "tekken"])
+def test_bytelevel_vocabulary_ids_equal_transformers(family, tmp_path, bytelevel_merged):
+    """A merged byte-level vocabulary in GGUF: tokenizer.ggml.model gpt2, its merges, the pre-tokenizer name
+    llama.cpp knows for the family, and llama.cpp's ids equal transformers' on every asset line."""
+    import gguf
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from zhtune import tiny
+
+    tok_dir = bytelevel_merged(family) / "merged_tokenizer_hf"
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = tiny.build_tiny_model(tmp_path / "m", vocab_size=len(tok), tokenizer_dir=tok_dir, arch="llama",
+                                  hidden_size=32, intermediate_size=64)
+    out = G.export_gguf(model, tmp_path / "m.gguf", "f16", modelfile=False, log=lambda *_: None)
+    reader = gguf.GGUFReader(str(out))
+
+    def field(key):
+        f = reader.fields[key]
+        return bytes(f.parts[f.data[0]]).decode()
+
+    assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.pre") == G.LLAMA_CPP_PRE[family]
+    assert len(reader.fields["tokenizer.ggml.merges"].data) == len(json.loads(
+        (tok_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"])
+    lines = [x for name in ("zh_heldout.txt", "zh_corpus.txt", "en_corpus.txt") for x in tiny.asset_lines(name) if x]
+    lines += EDGE
+    llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    try:
+        differ = [x for x in lines if llm.tokenize(x.encode(), add_bos=True, special=False) != tok(x).input_ids]
+    finally:
+        llm.close()
+    assert len(lines) > 700 and differ == []
+
+
+def test_a_pre_tokenizer_llama_cpp_lacks_is_refused(tmp_path, bytelevel_merged):
+    from zhtune import tiny
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    data = json.loads((bytelevel_merged("qwen2") / "merged_tokenizer_hf" / "tokenizer.json").read_text())
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+|[^\s\p{L}]+"
+    (tok_dir / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    for name in ("tokenizer_config.json",):
+        (tok_dir / name).write_bytes((bytelevel_merged("qwen2") / "merged_tokenizer_hf" / name).read_bytes())
+    model = tiny.build_tiny_model(tmp_path / "m", vocab_size=len(data["model"]["vocab"]), tokenizer_dir=tok_dir,
+                                  arch="qwen2", hidden_size=32, intermediate_size=64)
+    with pytest.raises(ZhtuneError, match="not one llama.cpp implements") as exc:
+        G.export_gguf(model, tmp_path / "x.gguf")
+    assert "llama3, qwen2, tekken, gpt2, smollm" in exc.value.expected
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_quantised_bytelevel_export_verifies(tmp_path, bytelevel_merged):
+    from zhtune import tiny
+
+    tok_dir = bytelevel_merged("qwen2") / "merged_tokenizer_hf"
+    from transformers import AutoTokenizer
+
+    model = tiny.build_tiny_model(tmp_path / "m", vocab_size=len(AutoTokenizer.from_pretrained(str(tok_dir))),
+                                  tokenizer_dir=tok_dir, arch="qwen3")
+    logs = []
+    out = G.export_gguf(model, tmp_path / "m.q8_0.gguf", "q8_0", verify=True, log=logs.append)
+    assert G.tensor_types(out).get("Q8_0", 0) >= 10 and any("token ids equal" in line for line in logs)
