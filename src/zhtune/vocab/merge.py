@@ -183,6 +183,9 @@ EXAMPLES = """
 zhtune vocab merge --base Llama-2-7b-hf/ --add zh_vocab/zh_sp.model --output merged/
 # Chinese-LLaMA-Alpaca 兼容模式 / compatibility with merge_tokenizers.py (all pieces, score 0)
 zhtune vocab merge --base llama/tokenizer.model --add zh_sp.model --mode all-pieces --output merged_cla/
+# 字节级 BPE 基座 / a byte-level BPE base (LLaMA-3.x, Qwen): a vocabulary trained with --base, or a .model
+zhtune vocab merge --base Llama-3.2-1B/ --add zh_bpe/ --output merged_l3/
+zhtune vocab merge --base Qwen2.5-7B/ --add chinese_sp.model --output merged_qwen/
 # 只加单个汉字 / single characters: the CJK ideographs block, or the characters of a file
 zhtune vocab merge --base llama/ --mode chars --chars 4E00-9FFF --output merged_chars/
 zhtune vocab merge --base llama/ --mode chars --chars common_chars.txt --output merged_chars/
@@ -193,18 +196,23 @@ zhtune vocab stats --tokenizer llama/ --tokenizer merged/merged_tokenizer_hf --t
 
 def build_parser():
     p = make_parser("vocab merge", """
-        把中文词表并入 LLaMA 系分词器 / merge Chinese pieces into a LLaMA-family SentencePiece tokenizer.
+        把中文词表并入 LLaMA 系分词器 / merge Chinese pieces into a LLaMA-family tokenizer: SentencePiece
+        (LLaMA-1/2, Mistral, Chinese-LLaMA) or byte-level BPE (LLaMA-3.x, Qwen2.5/3, SmolLM, Mistral-Nemo).
 
-        Writes DIR/merged_tokenizer_sp/NAME.model and DIR/merged_tokenizer_hf/ (tokenizer.model,
-        tokenizer.json, tokenizer_config.json, special_tokens_map.json; loads with
+        SentencePiece: writes DIR/merged_tokenizer_sp/NAME.model and DIR/merged_tokenizer_hf/
+        (tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json; loads with
         AutoTokenizer.from_pretrained and gives sentencepiece's ids), plus the base tokenizer's copy
         and location (base_tokenizer.model, zhtune_vocab.json) for initialising new embeddings.
-        Then checks on held-out text: fast ids == sentencepiece ids, non-Chinese lines unchanged.""",
+        Byte-level BPE: DIR/merged_tokenizer_hf/ (tokenizer.json with the new tokens and their merges
+        after the base's, the base's tokenizer_config.json) and its base_tokenizer/.
+        Then checks on held-out text: fast ids == sentencepiece ids (SentencePiece), decode(encode(x))
+        == x, non-Chinese lines unchanged, every new token reachable (byte-level).""",
         EXAMPLES)
-    p.add_argument("--base", required=True, help="base tokenizer: HF folder with tokenizer.model, or a .model file")
+    p.add_argument("--base", required=True,
+                   help="base tokenizer: HF folder with tokenizer.model or a byte-level tokenizer.json, or a .model")
     p.add_argument("--add", action="append", default=[], metavar="MODEL",
-                   help="SentencePiece model to take pieces from (repeatable): `vocab train` output "
-                        "(zh_sp.model or its folder) or another model's tokenizer.model")
+                   help="vocabulary to take pieces from (repeatable): `vocab train` output (zh_sp.model, or "
+                        "tokenizer.json of `vocab train --base`, or its folder) or another SentencePiece model")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--mode", choices=MODES, default="preserve", help="which pieces to add and how to score them")
     p.add_argument("--chars", metavar="FILE|RANGES", help="--mode chars: a text file, or ranges like 4E00-9FFF")

@@ -230,12 +230,15 @@ zhtune vocab train --corpus corpus/ --vocab-size 20000 --output zh_vocab/
 zhtune vocab train --corpus news.jsonl wiki.jsonl --text-field content --vocab-size 20000 \\
     --max-sentences 500000 --threads 8 --output zh_vocab/
 # 然后 / then: zhtune vocab merge --base llama2/ --add zh_vocab/zh_sp.model --output merged/
+# 字节级 BPE 基座 (LLaMA-3.x, Qwen) / in a byte-level base's own alphabet and pre-tokenizer: tokenizer.json
+zhtune vocab train --corpus corpus/ --vocab-size 20000 --base Llama-3.2-1B/ --output zh_bpe/
 """
 
 
 def build_parser():
     p = make_parser("vocab train", """
-        训练中文 SentencePiece 词表 / train a Chinese SentencePiece vocabulary.
+        训练中文词表 / train a Chinese vocabulary: SentencePiece, or with --base a byte-level BPE base,
+        a byte-level BPE in that base's alphabet, normaliser and pre-tokenizer (tokenizer.json).
 
         Reads .txt (a document per line), .json/.jsonl (the --text-field of each record) and folders
         (recursively), one line at a time; samples at most --max-sentences sentences; skips and counts
