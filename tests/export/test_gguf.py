@@ -154,3 +154,14 @@ def test_quantised_bytelevel_export_verifies(tmp_path, bytelevel_merged):
     logs = []
     out = G.export_gguf(model, tmp_path / "m.q8_0.gguf", "q8_0", verify=True, log=logs.append)
     assert G.tensor_types(out).get("Q8_0", 0) >= 10 and any("token ids equal" in line for line in logs)
+
+
+def test_ollama_template_leaves_bos_to_llama_cpp():
+    from zhtune.data.templates import get_template
+
+    for name in ("llama3", "llama3.1"):
+        text = G.ollama_template(get_template(name), "<|begin_of_text|>", "<|end_of_text|>")
+        assert "<|begin_of_text|>" not in text and text.startswith("{{- $first")  # no second BOS
+        assert "<|start_header_id|>assistant<|end_header_id|>" in text and "<|eot_id|>" in text
+        # LLaMA-3.1 writes its system block (knowledge date) also without a system prompt
+        assert ("{{ if $.System }}<|start_header_id|>system" in text) is (name == "llama3")

@@ -414,9 +414,13 @@ def ollama_template(template, bos: str = "<s>", eos: str = "</s>") -> str:
 
     sys_var, content = "{{ $.System }}", "{{ .Content }}"
     prefix = template.prefix.replace("{bos}", "")
+    if bos and prefix.startswith(bos):  # llama3's literal <|begin_of_text|>: llama.cpp adds BOS itself
+        prefix = prefix[len(bos):]
     if template.first_user is not None:
         first = ("{{ if $.System }}" + lit(template.first_user, content, sys_var) + "{{ else }}"
                  + lit(template.user, content) + "{{ end }}")
+    elif template.system_always:  # LLaMA-3.1: the system block (knowledge date) even without a system prompt
+        first = lit(template.system, system=sys_var) + lit(template.user, content)
     else:
         first = "{{ if $.System }}" + lit(template.system, system=sys_var) + "{{ end }}" + lit(template.user, content)
     return (
