@@ -117,12 +117,16 @@ def work_cla(corpus: str, tokenizer: str, cache: str, procs: int) -> dict:
 
 
 def run_column(name: str, corpus: Path, tokenizer: Path, scratch: Path, procs: int) -> dict:
-    """A column in a fresh process; its time, tokens and the peak RSS of its process tree (MiB)."""
+    """A column in a fresh process; its time, tokens, the peak RSS of its process tree (MiB) and the CPU
+    seconds of the whole tree (a shared machine steals wall time, not CPU time)."""
+    import resource
+
     import psutil
 
     cache = Path(tempfile.mkdtemp(prefix=f"cache-{name}-", dir=scratch))
     cmd = [sys.executable, __file__, "--worker", name, "--corpus", str(corpus), "--tokenizer", str(tokenizer),
            "--cache", str(cache), "--procs", str(procs)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak, done = 0, threading.Event()
 
@@ -142,11 +146,13 @@ def run_column(name: str, corpus: Path, tokenizer: Path, scratch: Path, procs: i
     out, _ = proc.communicate()
     done.set()
     thread.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}): {out[-2000:]}")
     result = json.loads(out.strip().splitlines()[-1])
-    return {**result, "peak_mib": peak / 2**20}
+    return {**result, "peak_mib": peak / 2**20, "cpu_s": cpu}
 
 
 def prep_table(sizes: list[int], repeats: int, scratch: Path, tokenizer: Path) -> list[dict]:
@@ -162,7 +168,8 @@ def prep_table(sizes: list[int], repeats: int, scratch: Path, tokenizer: Path) -
         for (name, procs), got in runs.items():
             seconds = statistics.median(r["seconds"] for r in got)
             rows.append({"size_mb": size, "column": name, "procs": procs, "seconds": seconds, "tokens": tokens,
-                         "tokens_per_s": tokens / seconds, "peak_mib": statistics.median(r["peak_mib"] for r in got)})
+                         "tokens_per_s": tokens / seconds, "peak_mib": statistics.median(r["peak_mib"] for r in got),
+                         "cpu_s": statistics.median(r["cpu_s"] for r in got), "load": os.getloadavg()[0]})
         corpus.unlink()
     return rows
 
@@ -221,15 +228,16 @@ def streaming_table(repeats: int, scratch: Path, tokenizer: Path, steps: int) ->
 
 def report(rows: list[dict], stream: dict | None) -> str:
     by = {(r["size_mb"], r["column"], r["procs"]): r for r in rows}
-    head = ("| corpus | processes | zhtune s | CLA-style s | zhtune tokens/s | zhtune / CLA | zhtune peak RSS | "
-            "CLA peak RSS |")
+    head = ("| corpus | processes | zhtune s (CPU s) | CLA-style s (CPU s) | zhtune tokens/s | zhtune / CLA | "
+            "zhtune peak RSS | CLA peak RSS |")
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"] if rows else []
     for (size, column, procs), r in sorted(by.items()):
         if column != "zhtune":
             continue
         cla = by[(size, "cla", procs)]
-        lines.append(f"| {size} MB | {procs} | {r['seconds']:.0f} | {cla['seconds']:.0f} | {r['tokens_per_s']:,.0f} | "
-                     f"{cla['seconds'] / r['seconds']:.2f}x | {r['peak_mib']:,.0f} MiB | {cla['peak_mib']:,.0f} MiB |")
+        lines.append(f"| {size} MB | {procs} | {r['seconds']:.0f} ({r['cpu_s']:.0f}) | {cla['seconds']:.0f} "
+                     f"({cla['cpu_s']:.0f}) | {r['tokens_per_s']:,.0f} | {cla['seconds'] / r['seconds']:.2f}x | "
+                     f"{r['peak_mib']:,.0f} MiB | {cla['peak_mib']:,.0f} MiB |")
     sizes = sorted({r["size_mb"] for r in rows})
     lines.append("")
     lines += [json.dumps(r) for r in rows]
