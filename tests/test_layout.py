@@ -1,10 +1,13 @@
 """House rules for the whole package: no import circle anywhere (top-level or function-level imports),
-no inference backend importing another, no export module importing the merge command."""
+no inference backend importing another, no export module importing the merge command, and a .gitignore
+that hides no tracked file."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 import zhtune
 
@@ -88,3 +91,15 @@ def test_export_modules_never_import_the_merge_command():
                  "zhtune.export.adapters", "zhtune.model.load"):
         assert "zhtune.export.merge" not in graph[name], name
     assert "zhtune.export.weights" in graph["zhtune.export.adapters"]
+
+
+def test_gitignore_ignores_no_tracked_file():
+    """A pattern like *.png must not hide a tracked docs/ figure from `git add` (the next edit would be lost)."""
+    import shutil
+    import subprocess
+
+    root = SRC.parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "ls-files", "-ci", "--exclude-standard"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == [], out.stdout
