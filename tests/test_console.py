@@ -26,6 +26,17 @@ def test_library_deprecations_are_filtered_ours_are_not(monkeypatch):
     assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
 
 
+def test_a_library_user_warning_is_kept_unless_it_only_reports_what_went_right():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libraries(debug=False)
+        for text in ("Setting `save_embedding_layers` to `True` as the embedding layer has been resized",
+                     "Could not find a config file in the model folder"):
+            warnings.warn_explicit(text, UserWarning, "/site/peft/utils/save_and_load.py", 1,
+                                   module="peft.utils.save_and_load")
+    assert [str(w.message) for w in seen] == ["Could not find a config file in the model folder"]
+
+
 def test_debug_shows_everything(monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
     with warnings.catch_warnings(record=True) as seen:

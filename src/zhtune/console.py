@@ -4,7 +4,8 @@
 
 Deprecation notices from inside transformers / peft / torch (about their own internals, or about an argument
 that the installed version renamed), a CPU-accelerator notice DeepSpeed prints on every import once it is
-installed, and transformers' informational warnings say nothing a user can act on. Without --debug they are
+installed, peft announcing that it saves the resized embeddings, and transformers' informational warnings
+say nothing a user can act on. Without --debug they are
 filtered here, at one place; with --debug (or ZHTUNE_DEBUG=1) everything is shown. Warnings raised in
 zhtune's own modules are never filtered: those are ours to fix.
 """
@@ -18,6 +19,11 @@ import warnings
 # the modules whose FutureWarning / DeprecationWarning a user cannot act on
 LIBRARIES = (r"(transformers|peft|trl|accelerate|datasets|torch|huggingface_hub|tokenizers|bitsandbytes|deepspeed"
              r"|gguf|sentence_transformers|langchain\w*|gradio|uvicorn|fastapi|pydantic)(\.|$)")
+
+# UserWarnings of libraries that report what the library did right on its own
+MESSAGES = (
+    r"Setting `save_embedding_layers` to `True`",   # peft saving the resized embeddings of a grown vocabulary
+)
 
 # library loggers -> fragments of messages that only describe the library's own state
 NOISE: dict[str, tuple[str, ...]] = {
@@ -42,6 +48,8 @@ def quiet_libraries(debug: bool) -> None:
         return
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
+    for message in MESSAGES:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning, module=LIBRARIES)
     # transformers' logger.warning notes (a pad token aligned with the tokenizer, a renamed argument): errors stay
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name, fragments in NOISE.items():
