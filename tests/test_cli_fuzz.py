@@ -304,8 +304,9 @@ EXPORT = [
 ]
 
 ESTIMATE = [
-    # --gpu-memory -5 / --vocab-size 0: range checks arrive with the memory engineer's estimate work (defect 7)
+    case("estimate model_name_or_path={model} --gpu-memory -5", "--gpu-memory"),
     case("estimate model_name_or_path={model} --gpu-memory abc", "--gpu-memory"),
+    case("estimate model_name_or_path={model} --vocab-size 0", "--vocab-size"),
     case("estimate model_name_or_path={model} --num-gpus 0", "--num-gpus"),
     case("estimate model_name_or_path={model} --vocab-size abc", "--vocab-size"),
     case("estimate model_name_or_path={missing}", "model_name_or_path"),

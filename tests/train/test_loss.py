@@ -147,8 +147,8 @@ def test_new_row_head_keeps_no_copy_of_the_matrix(tmp_path):
     for fused in ("chunked", "plain"):
         trainer.fused_loss = fused
         sizes: list[int] = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.untyped_storage().nbytes()) or t,
-                                                      lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, sizes=sizes: sizes.append(t.untyped_storage().nbytes()) or t, lambda t: t):
             loss = trainer.compute_loss(model, {k: v.clone() for k, v in _batch().items()})
         assert (matrix in sizes) == (fused == "plain"), fused
         loss.backward()
