@@ -88,12 +88,12 @@ def test_logprob_init_beats_the_mean_on_day_0(tokenizers):
     expanded = {}
     for method in ("mean", "auto"):
         m = expanded[method] = copy.deepcopy(model)
-        info = expand_embeddings(m, grown_tok, grown_dir / "base_tokenizer", calibration=docs[:120], method=method)
+        info = expand_embeddings(m, grown_tok, grown_dir / "base_tokenizer", calibration=docs[:60], method=method)
         scores[info.method] = _bits_per_char(m.eval(), grown_tok, held)
-    assert info.fit["positions"] > 5000
+    assert info.fit["positions"] > 3000
     # the input rows stay the mean of the base's byte-token rows; only the head is fitted
     torch.testing.assert_close(expanded["auto"].model.embed_tokens.weight, expanded["mean"].model.embed_tokens.weight)
-    # measured: base 11.63, mean 10.20, logprob 9.92 (whole Chinese tokens beat bytes on day 0)
+    # measured: base 11.63, mean 10.20, logprob 9.90 (whole Chinese tokens beat bytes on day 0)
     assert scores["mean"] < scores["base"] and scores["logprob"] < scores["mean"] - 0.1, scores
 
 
