@@ -344,7 +344,7 @@ def main(argv: list[str]) -> int:
   zhtune webui --model {q(work / 'merged')}   # 网页 browser chat
   zhtune serve --model {q(work / 'merged')}   # OpenAI API
   zhtune rag qa --docs {q(tiny.asset('rag_docs'))} --model {q(work / 'merged')} --question "星帆X3 的电池能用多久？"
-  zhtune vocab stats --tokenizer {q(work / 'base_tokenizer')} \
+  zhtune vocab stats --tokenizer {q(work / 'base_tokenizer')} \\
       --tokenizer {q(work / 'tokenizer' / 'merged_tokenizer_hf')} --text {q(tiny.asset('zh_heldout.txt'))}
   zhtune train examples/tiny/sft.yaml {q('model_name_or_path=' + str(work / 'merged_pt'))}   # your own recipe""")
     sys.stdout.flush()

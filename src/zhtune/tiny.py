@@ -220,10 +220,14 @@ def build_tiny_base(output: str | Path, vocab_size: int = 1000, seed: int = 0, a
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m zhtune.tiny [OUTPUT]`: write the tiny base model folder examples/tiny/*.yaml use."""
+    import os
     import sys
 
     from zhtune.args import make_parser
+    from zhtune.console import quiet_libraries
     from zhtune.io import check_output_dir
+
+    quiet_libraries(debug=os.environ.get("ZHTUNE_DEBUG") == "1")   # as every `zhtune` command
 
     parser = make_parser("tiny", """
         写一个极小的随机基座模型 (英文分词器 + 随机 Llama)，供 examples/tiny/*.yaml 在 CPU 上试跑。

@@ -28,6 +28,9 @@ def test_demo_runs_every_stage(tmp_path):
                    "answers right"):
         assert figure in out.stdout
     assert "合计 total" in out.stdout
+    # what a person reads: no library notices meant for library authors (zhtune/console.py), no traceback
+    for noise in ("Warning", "warnings.warn", "[transformers]", "Setting accelerator", "Traceback"):
+        assert noise not in out.stdout + out.stderr, noise
     # re-running into the same folder is refused (nothing overwritten silently)
     again = subprocess.run([sys.executable, "-m", "zhtune", "demo", "--workdir", str(work)],
                            capture_output=True, text=True, timeout=300)
