@@ -81,3 +81,45 @@ def test_llamacpp_scores_and_stream_logprobs_match_hf(engine, gguf_file):
         assert a.next[5] == pytest.approx(b.next[5], abs=1e-3) and c.next[5] == pytest.approx(b.next[5], abs=1e-3)
     tokens = [t for d in deltas for t in d.logprobs]
     assert len(tokens) == 3 and all(t.top[0] == (t.id, t.logprob) for t in tokens)
+
+
+def test_score_and_complete_is_score_then_stream(engine):
+    """The one-forward path (serve's echo + max_tokens 1) gives what score() and stream() give: prompt log-probs,
+    the same token under the request's penalties / sampling seed, its log-prob, stop rules and text."""
+    prompts = [engine.encode(t) for t in ("The cat sat on the", "A dog", "Why is the sea blue? Because the")]
+    loop = list(engine.stream(prompts[1], GenParams(max_new_tokens=24, temperature=0, repetition_penalty=1.0,
+                                                     logprobs=0)))
+    prompts[1] += [t.id for d in loop for t in d.logprobs]   # it repeats itself: a penalty changes the next token
+    greedy = list(engine.stream(prompts[0], GenParams(max_new_tokens=1, temperature=0, logprobs=1)))
+    token = greedy[-1].logprobs[0].id
+    edge = (engine.encode("the sea and the sky " * 200) * 2)[:engine.max_model_len - 1]
+    cases = [GenParams(max_new_tokens=1, temperature=0, logprobs=2, repetition_penalty=1.3),
+             GenParams(max_new_tokens=1, temperature=0, repetition_penalty=1.0, logprobs=0),
+             GenParams(max_new_tokens=1, temperature=0.9, top_p=1.0, top_k=0, seed=7, logprobs=3),
+             GenParams(max_new_tokens=1, temperature=0, logprobs=1, stop_token_ids=[token]),   # ends at once
+             GenParams(max_new_tokens=1, temperature=0, logprobs=1,
+                       stop=[engine.tokenizer.decode([token]).strip() or "x"]),
+             GenParams(max_new_tokens=1, temperature=0)]
+    finishes, picked = [], []
+    for n, params in enumerate(cases):
+        jobs = [(ids, params) for ids in (prompts + [edge] if n == 0 else prompts)]
+        got = engine.score_and_complete(jobs, top_k=2)
+        finishes.append([deltas[-1].finish_reason for _, deltas in got])
+        picked.append([[t.id for d in deltas for t in d.logprobs] for _, deltas in got])
+        want = engine.score([ids for ids, _ in jobs], prompt=True, top_k=2)
+        for (ids, _), (scored, deltas), ref in zip(jobs, got, want):
+            assert [t.logprob for t in scored.tokens[1:]] == pytest.approx([t.logprob for t in ref.tokens[1:]],
+                                                                            abs=1e-4)
+            streamed = list(engine.stream(ids, params))
+            assert "".join(d.text for d in deltas) == "".join(d.text for d in streamed)
+            last, ref_last = deltas[-1], streamed[-1]
+            assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == \
+                (ref_last.finish_reason, ref_last.prompt_tokens, ref_last.completion_tokens)
+            mine = [t for d in deltas for t in d.logprobs]
+            theirs = [t for d in streamed for t in d.logprobs]
+            assert [t.id for t in mine] == [t.id for t in theirs]
+            assert [[i for i, _ in t.top] for t in mine] == [[i for i, _ in t.top] for t in theirs]
+            assert [t.logprob for t in mine] == pytest.approx([t.logprob for t in theirs], abs=1e-4)
+    assert finishes[0] == ["length"] * 4 and finishes[3][0] == finishes[4][0] == "stop"
+    assert picked[0][1] != picked[1][1]    # the penalty mattered, and both paths applied it
+    assert engine.score_and_complete([(prompts[0], GenParams(max_new_tokens=2))], top_k=0) is None

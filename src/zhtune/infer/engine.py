@@ -26,7 +26,9 @@ Contract every backend keeps (front ends rely on it):
   caller in some Delta's `logprobs` (in order): its log-probability under the model's raw
   distribution (before sampling parameters) and the k most likely tokens;
 - `score` gives the log-probabilities a model assigns to given token sequences (prompt log-probs for
-  echo and bits per character; next-token log-probs for answer letters), computed in batches.
+  echo and bits per character; next-token log-probs for answer letters), computed in batches;
+- `score_and_complete` (echo with logprobs and max_new_tokens 1: lm-evaluation-harness's log-likelihood
+  request) gives what `score` and `stream` would, from one forward per prompt; None where a backend cannot.
 """
 
 from __future__ import annotations
@@ -300,6 +302,13 @@ class Engine:
         next token, which costs one position of logits); candidates: next-token ids whose log-probs
         are wanted whatever their rank (answer letters). Sequences must fit the context."""
         raise NotImplementedError
+
+    def score_and_complete(self, jobs: list[tuple[list[int], GenParams]],
+                           top_k: int) -> list[tuple[Scored, list[Delta]]] | None:
+        """For each (prompt ids, params) with params.max_new_tokens == 1: score(ids, prompt=True, top_k)'s
+        answer and the deltas stream(ids, params) yields, both from the forward that scores the prompt.
+        None where the backend cannot (any max_new_tokens > 1, or this default): score, then stream."""
+        return None
 
     def check_score(self, sequences: list[list[int]], top_k: int, candidates) -> None:
         """score's input checks every backend shares: ids in the vocabulary, lengths within the context."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import (Delta, Engine, GenParams, ModelSpec, Prompt, PromptTooLong, RequestStream, Scored,
-                                 StopFilter, TokenLogprob, fail_pending, hf_token_bytes, prompt_ids, top_logprobs,
+                                 StopFilter, fail_pending, hf_token_bytes, prompt_ids, top_logprobs,
                                  worker_loop)
 
 HOLD_LIMIT = 6   # a UTF-8 character is at most 4 byte tokens: release text held longer than this
@@ -179,13 +179,69 @@ def _common(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _shared_prefix(rows: list[list[int]]) -> int:
-    """Tokens every row starts with, leaving each row at least one of its own (0 under SHARED_MIN: a
-    short prefix is not worth a second forward)."""
-    if len(rows) < 2:
-        return 0
-    n = min([len(r) for r in rows] + [_common(rows[0], r) + 1 for r in rows[1:]]) - 1
-    return n if n >= SHARED_MIN else 0
+def _prefix_groups(sequences: list[list[int]]) -> list[tuple[list[int], int]]:
+    """Indices of `sequences` in groups that share a prefix, each with that prefix's length (0: rows with no
+    prefix worth sharing, pooled). Sorted by ids, sequences with a common prefix are neighbours; a run whose
+    neighbours share >= SHARED_MIN tokens is one group, split further where that saves more prefix tokens
+    (a benchmark: every subject shares its header, each subject's questions also share its worked examples)."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    # lcp[k]: tokens order[k] and order[k + 1] share, each row keeping at least one token of its own
+    lcp = [min(_common(sequences[a], sequences[b]), len(sequences[a]) - 1, len(sequences[b]) - 1)
+           for a, b in zip(order, order[1:])]
+
+    def best(lo: int, hi: int, depth: int = 0) -> tuple[list[tuple[list[int], int]], int]:
+        """Groups of order[lo:hi] (neighbours share >= SHARED_MIN) and the prefix tokens they save."""
+        if hi - lo < 2:
+            return [(order[lo:hi], 0)], 0
+        shared = min(lcp[lo:hi - 1])
+        whole = [(order[lo:hi], shared)], (hi - lo - 1) * shared
+        cuts = [k + 1 for k in range(lo, hi - 1) if lcp[k] == shared]
+        if depth > 32:   # nested deeper than any benchmark's prompts: stop looking
+            return whole
+        split: list[tuple[list[int], int]] = []
+        saved = 0
+        for a, b in zip([lo, *cuts], [*cuts, hi]):
+            groups, s = best(a, b, depth + 1)
+            split += groups
+            saved += s
+        return (split, saved) if saved > whole[1] else whole
+
+    groups, pool, lo = [], [], 0
+    for hi in [k + 1 for k, n in enumerate(lcp) if n < SHARED_MIN] + [len(order)]:
+        for rows, shared in best(lo, hi)[0]:
+            if shared:
+                groups.append((rows, shared))
+            else:
+                pool += rows
+        lo = hi
+    return groups + ([(pool, 0)] if pool else [])
+
+
+def _batches(rows: list[int], lengths: list[int], shared: int, budget: int) -> list[list[int]]:
+    """`rows` (lengths: tokens after the shared prefix) sorted by length and cut into batches of at most
+    SCORE_ROWS rows and `budget` tokens, the prefix counted in every row (its KV cache is repeated per row):
+    neighbours have similar lengths, so little of a batch is padding."""
+    ranked = sorted(zip(lengths, rows))
+    out: list[list[int]] = []
+    for length, row in ranked:
+        if not out or len(out[-1]) >= SCORE_ROWS or (len(out[-1]) + 1) * (shared + length) > budget:
+            out.append([])
+        out[-1].append(row)
+    return out
+
+
+def _next_scores(torch, logprobs, top_k: int, candidates: list[int]) -> list[Scored]:
+    """logprobs [B, V] (log-softmaxed): each row's candidates and top_k next tokens, as Scored (no tokens)."""
+    out = [Scored([], {}) for _ in range(logprobs.shape[0])]
+    if candidates:
+        picked = logprobs[:, candidates].tolist()                                               # [B, C]
+        for scored, values in zip(out, picked):
+            scored.next.update(zip(candidates, values))
+    if top_k:
+        values, indices = logprobs.topk(top_k, dim=-1)
+        for scored, i, v in zip(out, indices.tolist(), values.tolist()):
+            scored.next.update(zip(i, v))
+    return out
 
 
 # --- per-request state -------------------------------------------------------------------------
@@ -283,68 +339,93 @@ class HFEngine(Engine):
 
     def score(self, sequences: list[list[int]], prompt: bool = True, top_k: int = 0,
               candidates: list[int] | tuple[int, ...] = ()) -> list[Scored]:
-        """Batches of sequences sorted by their ids, so prompts that share a prefix (a benchmark's
-        header and few-shot examples) land together and the prefix runs once per batch; a forward holds
-        the model lock between decode steps, as embed() does, so scoring and serving share the model."""
         self.check_score(sequences, top_k, candidates)
-        order = sorted(range(len(sequences)), key=lambda i: sequences[i])
         results: list[Scored | None] = [None] * len(sequences)
-        budget = SCORE_TOKENS if not prompt else max(1, min(SCORE_TOKENS, SCORE_LOGITS // self.vocab_size))
-        start = 0
-        while start < len(order):
-            first = sequences[order[start]]
-            end, width, shared = start + 1, len(first), len(first)
-            while end < len(order) and end - start < SCORE_ROWS:
-                row = sequences[order[end]]
-                common = _common(first, row)
-                if end - start >= 8 and shared >= SHARED_MIN > common:   # keep a prefix group together
-                    break
-                if (end + 1 - start) * max(width, len(row)) > budget:
-                    break
-                end, width, shared = end + 1, max(width, len(row)), min(shared, common)
-            chunk = [sequences[i] for i in order[start:end]]
-            for i, scored in zip(order[start:end], self._score_batch(chunk, prompt, top_k, list(candidates))):
-                results[i] = scored
-            start = end
+        for i, scored, _ in self._scored(sequences, prompt, top_k, list(candidates)):
+            results[i] = scored
         return results  # type: ignore[return-value]
 
-    def _score_batch(self, chunk: list[list[int]], prompt: bool, top_k: int, candidates: list[int]) -> list[Scored]:
-        """One forward over right-padded rows: causal attention keeps the padding after each row out of its
-        real positions, so no attention mask is needed (attention's fast path). The decoder's last hidden
-        states go through the output head only where logits are wanted (each row's last position, or all)."""
+    def score_and_complete(self, jobs: list[tuple[list[int], GenParams]], top_k: int):
+        """One forward per prompt: its log-probs, and from the same last position the one token stream()
+        would generate (max_new_tokens 1 needs no KV cache after it), through the decode worker's own
+        sampling, end/stop rules and detokenizing (_Batch.step)."""
+        if any(params.max_new_tokens != 1 for _, params in jobs):
+            return None
+        for ids, params in jobs:
+            self.check_request(params)
+            if len(ids) >= self.max_model_len:
+                raise PromptTooLong(len(ids), params.max_new_tokens, self.max_model_len)
+        self.check_score([ids for ids, _ in jobs], top_k, ())
+        results: list = [None] * len(jobs)
+        step = _Batch(self, queue.SimpleQueue())    # no rows, no cache: only its per-token code
+        for i, scored, logits in self._scored([ids for ids, _ in jobs], True, top_k, []):
+            r = self._request(*jobs[i])
+            with self._lock, self._torch.inference_mode():
+                step._start(r)
+                step.step(r, logits)
+            deltas = []
+            while not r.out.empty():
+                deltas.append(r.out.get())
+            results[i] = (scored, deltas)
+        return results
+
+    def _scored(self, sequences: list[list[int]], prompt: bool, top_k: int, candidates: list[int]):
+        """(index, Scored, the logits after the sequence [vocab]) for every sequence, a batch at a time.
+        Batches hold sequences of similar lengths (little padding). Next-token scores (prompt=False):
+        sequences that share a prefix (a benchmark's header and worked examples) form a group whose prefix
+        runs once, its KV cache repeated for every row of the group's batches. A forward holds the model lock
+        between decode steps, as embed() does, so scoring and serving share the model."""
+        budget = SCORE_TOKENS if not prompt else max(1, min(SCORE_TOKENS, SCORE_LOGITS // self.vocab_size))
+        groups = [(list(range(len(sequences))), 0)] if prompt else _prefix_groups(sequences)
+        for rows, shared in groups:
+            prefix = self._prefix_cache(sequences[rows[0]][:shared]) if shared else None
+            for batch in _batches(rows, [len(sequences[i]) - shared for i in rows], shared, budget):
+                chunk = [sequences[i][shared:] for i in batch]
+                yield from zip(batch, *self._score_batch(chunk, prefix, prompt, top_k, candidates))
+
+    def _prefix_cache(self, ids: list[int]) -> list:
+        """The decoder's keys and values for `ids` (one row): [(keys, values)] per layer."""
+        from transformers import DynamicCache
+
         torch = self._torch
-        shared = 0 if prompt else _shared_prefix(chunk)
-        rest = [r[shared:] for r in chunk]
-        width = max(len(r) for r in rest)
-        ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rest], device=self.device)
+        decoder, _ = self._decoder_and_head()
+        cache = DynamicCache(config=self.model.config)
+        with self._lock, torch.inference_mode():
+            decoder(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _score_batch(self, chunk: list[list[int]], prefix: list | None, prompt: bool, top_k: int,
+                     candidates: list[int]) -> tuple[list[Scored], object]:
+        """One forward over right-padded rows (after `prefix`, whose cache is shared by every row): causal
+        attention keeps the padding after each row out of its real positions, so no attention mask is needed
+        (attention's fast path). The decoder's last hidden states go through the output head only where
+        logits are wanted (each row's last position, or all). Returns the Scored and the logits after each
+        row ([B, vocab] floats)."""
+        torch = self._torch
+        width = max(len(r) for r in chunk)
+        ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in chunk], device=self.device)
         decoder, head = self._decoder_and_head()
         with self._lock, torch.inference_mode():
             kwargs: dict = {"use_cache": False}
-            if shared:   # the shared prefix once; its KV cache repeated for every row
+            if prefix:   # expanded views; the cache copies them once as it appends this batch's keys
                 from transformers import DynamicCache
 
-                cache = DynamicCache(config=self.model.config)
-                decoder(input_ids=ids.new_tensor([chunk[0][:shared]]), past_key_values=cache, use_cache=True)
-                cache.batch_repeat_interleave(len(chunk))
-                kwargs = {"past_key_values": cache, "use_cache": True}
+                rows = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix]
+                kwargs = {"past_key_values": DynamicCache(rows, config=self.model.config), "use_cache": True}
             hidden = decoder(input_ids=ids, **kwargs).last_hidden_state                         # [B, W, H]
+            ends = torch.tensor([len(r) - 1 for r in chunk], device=self.device)
+            rows = torch.arange(len(chunk), device=self.device)
             if not prompt:
-                ends = torch.tensor([len(r) - 1 for r in rest], device=self.device)
-                hidden = hidden[torch.arange(len(rest), device=self.device), ends][:, None]     # [B, 1, H]
-            logits = head(hidden)                                                                # [B, W or 1, V]
+                last = head(hidden[rows, ends]).float()                                          # [B, V]
+                return _next_scores(torch, last.log_softmax(-1), top_k, candidates), last
+            logits = head(hidden)                                                                # [B, W, V]
             out = []
             for b, row in enumerate(chunk):
-                last = logits[b, len(row) - 1 if prompt else 0].float().log_softmax(-1)         # [V]
-                nxt = {t: float(last[t]) for t in candidates}
-                if top_k:
-                    values, indices = last.topk(top_k)
-                    nxt.update(zip(indices.tolist(), values.tolist()))
-                tokens: list[TokenLogprob | None] = []
-                if prompt:
-                    lp = logits[b, :len(row) - 1].float().log_softmax(-1)                        # [len-1, V]
-                    tokens = [None, *top_logprobs(torch, lp, ids[b, 1:len(row)], top_k)]
-                out.append(Scored(tokens, nxt))
-        return out
+                lp = logits[b, :len(row)].float().log_softmax(-1)                                # [len, V]
+                [nxt] = _next_scores(torch, lp[-1:], top_k, candidates)
+                nxt.tokens = [None, *top_logprobs(torch, lp[:-1], ids[b, 1:len(row)], top_k)]
+                out.append(nxt)
+            return out, logits[rows, ends].float()
 
     def _decoder_and_head(self):
         """The transformer body and the output head of the (possibly adapter-wrapped) causal LM: logits
@@ -358,10 +439,14 @@ class HFEngine(Engine):
             ids = self.tokenize_prompt(prompt)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(len(ids), params.max_new_tokens, self.max_model_len)
-        req = _Request(ids, params, [*params.stop, *(s for s in self.template.stop
-                                                     if s not in self.tokenizer.get_vocab())])
+        req = self._request(ids, params)
         self._queue.put(req)
         return RequestStream(req)
+
+    def _request(self, ids: list[int], params: GenParams) -> _Request:
+        """A generation of `ids`: its stop strings are the caller's and the template's that are no token."""
+        return _Request(ids, params, [*params.stop, *(s for s in self.template.stop
+                                                      if s not in self.tokenizer.get_vocab())])
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         torch = self._torch
@@ -543,19 +628,21 @@ class _Batch:
         where = {id(r): i for i, r in enumerate(rows)}
         keep = []
         for i, r in enumerate(self.rows):
-            if id(r) in where:
-                row = logits[where[id(r)]]
-                # the raw distribution, before _sample applies penalties and temperature in place
-                lp = row.log_softmax(-1) if r.params.logprobs is not None else None
-                token = _sample(self.torch, r, row)
-                if lp is not None:
-                    r.logprobs += top_logprobs(self.torch, lp[None], lp.new_tensor([token]).long(),
-                                               r.params.logprobs)
-                if self._advance(r, token):
-                    continue
+            if id(r) in where and self.step(r, logits[where[id(r)]]):
+                continue
             if not r.cancelled:
                 keep.append(i)
         self._drop(keep)
+
+    def step(self, r: _Request, logits) -> bool:
+        """r's next token from the logits after its ids ([vocab], changed in place), emitted; True when r is
+        finished (or cancelled). Also HFEngine.score_and_complete's one token, from its scoring forward."""
+        # the raw distribution, before _sample applies penalties and temperature in place
+        lp = logits.log_softmax(-1) if r.params.logprobs is not None else None
+        token = _sample(self.torch, r, logits)
+        if lp is not None:
+            r.logprobs += top_logprobs(self.torch, lp[None], lp.new_tensor([token]).long(), r.params.logprobs)
+        return self._advance(r, token)
 
     def _advance(self, r: _Request, token: int) -> bool:
         """Record `token` for `r`, emit text; True when `r` is finished (or cancelled)."""
