@@ -80,6 +80,44 @@ def test_text_prompt_echo_and_score_only(client, api_url, api_engine):
     assert streamed[0] is None and len(streamed) == len(ids) + 3
 
 
+def test_echo_one_token_from_the_scoring_forward_equals_score_then_generate(client, api_url, api_engine):
+    """echo + logprobs + max_tokens 1 (lm-eval's request) takes the token from the forward that scores the prompt;
+    streamed, the same request scores and then generates: both answers agree (text, tokens, numbers, usage)."""
+    def combined(body, stream):
+        if not stream:
+            r = client.post(f"{api_url}/v1/completions", json=body).json()
+            return r["choices"], r["usage"]
+        with client.stream("POST", f"{api_url}/v1/completions",
+                           json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+            events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+        choices: dict = {}
+        for ev in events:
+            for ch in ev["choices"]:
+                c = choices.setdefault(ch["index"], {"index": ch["index"], "text": "", "finish_reason": None,
+                                                     "logprobs": {"tokens": [], "token_logprobs": [],
+                                                                  "top_logprobs": [], "text_offset": []}})
+                c["text"] += ch["text"]
+                c["finish_reason"] = ch["finish_reason"] or c["finish_reason"]
+                for key in c["logprobs"]:
+                    c["logprobs"][key] += (ch["logprobs"] or {}).get(key) or []
+        return [choices[i] for i in sorted(choices)], events[-1]["usage"]
+
+    ids = api_engine.encode("The cat sat on the mat and", bos=True)
+    for body in ({"prompt": [ids, ids[:5]], "temperature": 0, "logprobs": 2},
+                 {"prompt": "The cat sat", "temperature": 0, "logprobs": 0, "repetition_penalty": 1.0},
+                 {"prompt": "A dog", "temperature": 0.8, "seed": 3, "logprobs": 1, "n": 2}):
+        body = {"model": "tiny", "max_tokens": 1, "echo": True, **body}
+        (one, use_one), (two, use_two) = combined(body, False), combined(body, True)
+        assert use_one == use_two and len(one) == len(two)
+        for a, b in zip(sorted(one, key=lambda c: c["index"]), two):
+            assert (a["text"], a["finish_reason"]) == (b["text"], b["finish_reason"])
+            la, lb = a["logprobs"], b["logprobs"]
+            assert la["tokens"] == lb["tokens"] and la["text_offset"] == lb["text_offset"]
+            assert la["token_logprobs"][0] is None and lb["token_logprobs"][0] is None
+            assert la["token_logprobs"][1:] == pytest.approx(lb["token_logprobs"][1:], abs=1e-4)
+            assert [sorted((t or {})) for t in la["top_logprobs"]] == [sorted((t or {})) for t in lb["top_logprobs"]]
+
+
 SURROGATE = "\ud800"
 BAD = [
     ("/v1/chat/completions", {"model": "tiny", "messages": USER, "top_logprobs": 2}, "top_logprobs"),

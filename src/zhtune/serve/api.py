@@ -363,6 +363,10 @@ async def completions(req: CompletionRequest, request: Request):
     echo = [_echo_text(srv.engine, p) for p in prompts for _ in range(req.n)] if req.echo else None
     reply = Reply(chat=False, head={"id": new_id("cmpl"), "created": now(), "model": req.model}, jobs=jobs,
                   prompt_tokens=counts, echo=echo, token_bytes=srv.engine.token_bytes)
+    if req.echo and req.logprobs is not None and req.max_tokens == 1 and not req.stream:
+        done = await _score_and_complete(srv, reply, req.logprobs)
+        if done is not None:
+            return done
     if req.echo and req.logprobs is not None:
         scored = await _prompt_logprobs(srv, prompts, req.logprobs)
         reply.prompt_logprobs = [s for s in scored for _ in range(req.n)]
@@ -392,12 +396,30 @@ def _echo_text(engine: Engine, prompt) -> str:
     return b"".join(engine.token_bytes(prompt)).decode("utf-8", "replace")
 
 
+def _prompt_ids(engine: Engine, prompt) -> list[int]:
+    return list(prompt) if is_token_ids(prompt) else engine.encode(prompt, bos=True)
+
+
 async def _prompt_logprobs(srv: Server, prompts: list, top_k: int) -> list[dict]:
     """Each prompt's tokens with their log-probs (the first has none), in the legacy format."""
     engine = srv.engine
-    ids = [list(p) if is_token_ids(p) else engine.encode(p, bos=True) for p in prompts]
+    ids = [_prompt_ids(engine, p) for p in prompts]
     scored = await srv.runner.call(lambda: engine.score(ids, prompt=True, top_k=top_k))
     return [legacy_logprobs(i, s.tokens, engine.token_bytes) for i, s in zip(ids, scored)]
+
+
+async def _score_and_complete(srv: Server, reply: "Reply", top_k: int) -> dict | None:
+    """echo + logprobs + max_tokens 1 (lm-evaluation-harness's log-likelihood request): the prompt's log-probs
+    and its one generated token from the same forward, where the engine can (Engine.score_and_complete), instead
+    of a scoring pass and then a generation. None: the engine cannot; score, then generate."""
+    engine = srv.engine
+    jobs = [(_prompt_ids(engine, prompt), params) for prompt, params in reply.jobs]
+    done = await srv.runner.call(engine.score_and_complete, jobs, top_k)
+    if done is None:
+        return None
+    reply.prompt_logprobs = [legacy_logprobs(ids, scored.tokens, engine.token_bytes)
+                             for (ids, _), (scored, _) in zip(jobs, done)]
+    return _answer(reply, [deltas for _, deltas in done])
 
 
 async def _score_only(srv: Server, req: CompletionRequest, prompts: list, counts: list[int]) -> dict:
@@ -477,18 +499,27 @@ class Reply:
 
 
 async def _complete(srv: Server, request: Request, reply: Reply) -> dict:
-    texts = list(reply.echo) if reply.echo else [""] * len(reply.jobs)
-    finals: dict[int, Delta] = {}
-    logprobs: list[list] = [[] for _ in reply.jobs]
+    deltas: list[list[Delta]] = [[] for _ in reply.jobs]
 
     async def consume() -> None:
         async for i, delta in srv.runner.stream(reply.jobs):
+            deltas[i].append(delta)
+
+    await _unless_disconnected(request, consume())
+    return _answer(reply, deltas)
+
+
+def _answer(reply: Reply, deltas: list[list[Delta]]) -> dict:
+    """The whole (non-streamed) answer from each job's deltas."""
+    texts = list(reply.echo) if reply.echo else [""] * len(reply.jobs)
+    finals: dict[int, Delta] = {}
+    logprobs: list[list] = [[] for _ in reply.jobs]
+    for i, job in enumerate(deltas):
+        for delta in job:
             texts[i] += delta.text
             logprobs[i] += delta.logprobs
             if delta.finish_reason:
                 finals[i] = delta
-
-    await _unless_disconnected(request, consume())
     start = [len(e) for e in reply.echo] if reply.echo else [0] * len(reply.jobs)
     choices = [reply.choice(i, texts[i], finals[i].finish_reason if i in finals else "stop", whole=True,
                             logprobs=logprobs[i] if reply.wants_logprobs(i) else None, offset=start[i],
