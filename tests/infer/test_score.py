@@ -10,23 +10,29 @@ from zhtune.errors import ZhtuneError
 from zhtune.infer.engine import GenParams
 
 
-def reference(model_dir, ids):
+def reference(model_dir, ids, model=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = model or AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].log_softmax(-1)
 
 
 def test_score_matches_transformers_with_shared_prefixes(engine, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     header = engine.encode("The following are questions about the weather and the sea. " * 2)
-    seqs = [header + engine.encode(q, bos=False) for q in ("Is it cold?", "Why is the sea blue today", "Rain")]
-    seqs.append(engine.encode("A short one"))
-    nxt = engine.score(seqs, prompt=False, top_k=3, candidates=[5, 7])   # the first three share ~30 tokens
+    questions = ["Is it cold?", "Why is the sea blue today", "Rain", "Snow in May?", "Fog", "Wind and waves",
+                 "Is the tide high", "Clouds", "Where do storms start?"]
+    seqs = [header + engine.encode(q, bos=False) for q in questions]   # a group: the header runs once
+    seqs += [engine.encode("A short one"), engine.encode("Another, longer, sentence without the header")]
+    nxt = engine.score(seqs, prompt=False, top_k=3, candidates=[5, 7])
     full = engine.score(seqs, prompt=True, top_k=2)
     for ids, a, b in zip(seqs, nxt, full):
-        ref = reference(tiny_model_dir, ids)
+        ref = reference(tiny_model_dir, ids, model)
         assert a.tokens == [] and a.next[5] == pytest.approx(float(ref[-1, 5]), abs=1e-4)
         top = ref[-1].topk(3)
         assert all(a.next[int(i)] == pytest.approx(float(v), abs=1e-4) for v, i in zip(*top))
@@ -35,6 +41,19 @@ def test_score_matches_transformers_with_shared_prefixes(engine, tiny_model_dir)
             assert b.tokens[pos].id == ids[pos]
             assert b.tokens[pos].logprob == pytest.approx(float(ref[pos - 1, ids[pos]]), abs=1e-4)
             assert b.tokens[pos].top[0][1] == pytest.approx(float(ref[pos - 1].max()), abs=1e-4)
+
+
+def test_prefix_groups_share_what_saves_most():
+    """Two subjects under one header: each subject's 60-token prefix is shared (not only the 20-token header);
+    rows with no long common prefix, or too few to fill a batch, are pooled."""
+    from zhtune.infer.hf import GROUP_MIN, _prefix_groups
+
+    header = list(range(100, 120))
+    a, b = header + list(range(200, 240)), header + list(range(300, 340))
+    seqs = [a + [i, i + 1] for i in range(9)] + [b + [i] for i in range(9)] + [[5, 6, 7], [5, 6, 8]]
+    seqs += [header + [400 + i] for i in range(GROUP_MIN - 1)]   # one row short of a group of their own
+    groups = sorted((sorted(rows), shared) for rows, shared in _prefix_groups(seqs))
+    assert groups == [(list(range(9)), 60), (list(range(9, 18)), 60), (list(range(18, len(seqs))), 0)]
 
 
 def test_stream_logprobs_and_token_id_prompts(engine):

@@ -27,7 +27,8 @@ HOLD_LIMIT = 6   # a UTF-8 character is at most 4 byte tokens: release text held
 SCORE_TOKENS = 8192
 SCORE_LOGITS = 2**27
 SCORE_ROWS = 64
-SHARED_MIN = 16    # a prefix at least this long shared by a whole batch runs once (KV cache repeated)
+SHARED_MIN = 16    # a prefix at least this long shared by a group of sequences runs once (KV cache repeated)
+GROUP_MIN = 8      # ... by at least this many (a smaller group would make batches too small to run well)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -181,9 +182,9 @@ def _common(a: list[int], b: list[int]) -> int:
 
 def _prefix_groups(sequences: list[list[int]]) -> list[tuple[list[int], int]]:
     """Indices of `sequences` in groups that share a prefix, each with that prefix's length (0: rows with no
-    prefix worth sharing, pooled). Sorted by ids, sequences with a common prefix are neighbours; a run whose
-    neighbours share >= SHARED_MIN tokens is one group, split further where that saves more prefix tokens
-    (a benchmark: every subject shares its header, each subject's questions also share its worked examples)."""
+    prefix worth sharing, pooled). Sorted by ids, sequences with a common prefix are neighbours; a run of at
+    least GROUP_MIN whose neighbours share >= SHARED_MIN tokens is one group, split further where that saves
+    more prefix tokens (a benchmark: each subject's questions share its header and worked examples)."""
     order = sorted(range(len(sequences)), key=lambda i: sequences[i])
     # lcp[k]: tokens order[k] and order[k + 1] share, each row keeping at least one token of its own
     lcp = [min(_common(sequences[a], sequences[b]), len(sequences[a]) - 1, len(sequences[b]) - 1)
@@ -191,7 +192,7 @@ def _prefix_groups(sequences: list[list[int]]) -> list[tuple[list[int], int]]:
 
     def best(lo: int, hi: int, depth: int = 0) -> tuple[list[tuple[list[int], int]], int]:
         """Groups of order[lo:hi] (neighbours share >= SHARED_MIN) and the prefix tokens they save."""
-        if hi - lo < 2:
+        if hi - lo < GROUP_MIN:
             return [(order[lo:hi], 0)], 0
         shared = min(lcp[lo:hi - 1])
         whole = [(order[lo:hi], shared)], (hi - lo - 1) * shared
@@ -357,12 +358,12 @@ class HFEngine(Engine):
                 raise PromptTooLong(len(ids), params.max_new_tokens, self.max_model_len)
         self.check_score([ids for ids, _ in jobs], top_k, ())
         results: list = [None] * len(jobs)
-        step = _Batch(self, queue.SimpleQueue())    # no rows, no cache: only its per-token code
+        tokens = _Batch(self, queue.SimpleQueue())    # no rows, no cache: only its per-token code
         for i, scored, logits in self._scored([ids for ids, _ in jobs], True, top_k, []):
             r = self._request(*jobs[i])
             with self._lock, self._torch.inference_mode():
-                step._start(r)
-                step.step(r, logits)
+                tokens._start(r)
+                tokens.step(r, logits)
             deltas = []
             while not r.out.empty():
                 deltas.append(r.out.get())
@@ -410,8 +411,8 @@ class HFEngine(Engine):
             if prefix:   # expanded views; the cache copies them once as it appends this batch's keys
                 from transformers import DynamicCache
 
-                rows = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix]
-                kwargs = {"past_key_values": DynamicCache(rows, config=self.model.config), "use_cache": True}
+                kv = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix]
+                kwargs = {"past_key_values": DynamicCache(kv, config=self.model.config), "use_cache": True}
             hidden = decoder(input_ids=ids, **kwargs).last_hidden_state                         # [B, W, H]
             ends = torch.tensor([len(r) - 1 for r in chunk], device=self.device)
             rows = torch.arange(len(chunk), device=self.device)
