@@ -220,7 +220,9 @@ def test_grown_vocabulary_sft_trains_the_same_and_merges(tmp_path, tiny_model_di
     rows = [k for k in ours if k.endswith("trainable_tokens_delta")]
     assert len(rows) == 2 and not any("modules_to_save" in k for k in ours)
     for key in ours:
-        assert close(ours[key], plain[key], 1e-4), key
+        # after 2 AdamW steps at lr 1e-2: Adam divides by sqrt(v), so the rounding of near-zero gradients shows
+        # up to ~1e-4 of a row's scale; a row mix-up would be ~lr, i.e. ~0.2 of it
+        assert close(ours[key], plain[key], 1e-3), key
     config = json.loads((tmp_path / "chunked" / "sft_lora_model" / "adapter_config.json").read_text())
     assert set(config["trainable_token_indices"]) == {"embed_tokens", "lm_head"}
 

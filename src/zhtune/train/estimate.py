@@ -324,7 +324,7 @@ def loss_bytes(shape: Shape, plan: Plan, tokens: int, act: int, head_trains: boo
         return tokens * v * (act + (4 if act < 4 else 0) + 4 + 4)
     if plan.loss == "chunked":
         rows = min(tokens, chunk_positions(v))
-        return rows * v * (4 + act) + tokens * h * act + head_grad
+        return rows * v * (4 + (act if act < 4 else 0)) + tokens * h * act + head_grad   # fp32: d is z itself
     if plan.loss == "liger":
         return tokens * h * 8 + head_grad
     if plan.loss == "trl":

@@ -27,11 +27,12 @@ import torch
 from transformers import Trainer
 
 IGNORE = -100
-CHUNK_BYTES = 256 * 2**20    # fp32 logits of one chunk of positions (+ its gradient in the head's dtype)
+CHUNK_BYTES = 128 * 2**20    # fp32 logits of one chunk of positions (+ its gradient in the head's dtype)
 
 
 def chunk_positions(vocab: int) -> int:
-    """Positions per chunk: CHUNK_BYTES of fp32 logits, at least 64 rows so the matmuls stay efficient."""
+    """Positions per chunk: CHUNK_BYTES of fp32 logits (261 positions of a 128,256 vocabulary), at least 64
+    rows so the matmuls stay efficient: each is still [rows, H] x [H, V] with V in the tens of thousands."""
     return max(64, CHUNK_BYTES // (4 * vocab))
 
 
@@ -104,11 +105,14 @@ def _chunk(head: Head, h: torch.Tensor, t: torch.Tensor, need: tuple[bool, bool,
     if head.rows is not None:
         bias = None if head.bias is None else head.bias[head.row_ids]
         z[:, head.row_ids] = torch.nn.functional.linear(h, head.rows, bias).to(up)
-    lse = torch.logsumexp(z, dim=1)
-    loss = (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
+    # log-sum-exp and softmax in place: torch.logsumexp would allocate another [n, V] for exp(z - max)
+    target = z.gather(1, t[:, None]).squeeze(1)
+    top = z.amax(dim=1, keepdim=True)
+    total = z.sub_(top).exp_().sum(dim=1, keepdim=True)                      # z is now exp(logits - max)
+    loss = (top.squeeze(1) + total.log().squeeze(1) - target).sum()
     if not any(need):
         return loss, None, None
-    z.sub_(lse[:, None]).exp_()                                                # softmax, in place
+    z.div_(total)                                                              # softmax
     z[torch.arange(len(t), device=z.device), t] -= 1                          # d(sum of CE) / d(logits)
     d_rows = None
     if head.rows is not None:
