@@ -13,6 +13,7 @@ files and `save_to_disk` folders at rows. Memory never depends on a file's size,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -194,8 +195,27 @@ def table_ranges(source: Source) -> list[Segment]:
     return [Segment(source, a, min(a + per, rows) if a + per < rows else None) for a in range(0, rows, per)]
 
 
-def plan_units(entries: list[str], key: str, max_samples: int | None) -> list[Unit]:
-    """Every entry of `dataset` (or val_file) -> units of work, in reading order."""
+def cached_line_ranges(source: Source, plans: Path | None) -> list[Segment]:
+    """line_ranges, remembered in `plans`/ by the file's identity: a 100 GB file is scanned for newlines once,
+    not again by every resumed preparation."""
+    if plans is None or source.compression or source.size < 2 * chunk_bytes(source.size):
+        return line_ranges(source)
+    name = hashlib.sha256(json.dumps([source.fingerprint(), MIN_CHUNK, MAX_CHUNK]).encode()).hexdigest()[:20]
+    path = plans / f"{name}.json"
+    try:
+        return [Segment(source, *bounds) for bounds in json.loads(path.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError):
+        segments = line_ranges(source)
+        plans.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([[s.start, s.stop, s.first_line] for s in segments]), encoding="utf-8")
+        os.replace(tmp, path)
+        return segments
+
+
+def plan_units(entries: list[str], key: str, max_samples: int | None, plans: Path | None = None) -> list[Unit]:
+    """Every entry of `dataset` (or val_file) -> units of work, in reading order (`plans`: where the line
+    ranges of big files are remembered)."""
     units: list[Unit] = []
     for i, entry in enumerate(entries):
         sources = find_sources(str(entry), f"{key}[{i}]: {entry}")
@@ -214,7 +234,7 @@ def plan_units(entries: list[str], key: str, max_samples: int | None) -> list[Un
                 units.append(Unit(i, small, None, sum(s.source.size for s in small)))
                 small = []
             if source.kind in LINE_KINDS:
-                segments = line_ranges(source)
+                segments = cached_line_ranges(source, plans)
             elif source.kind in ("parquet", "arrow", "saved"):
                 segments = table_ranges(source)
             else:

@@ -363,8 +363,9 @@ def build(tmp: Path, spec, cfg: TrainConfig, root: Path, say: Callable[[str], No
     units_dir = root / "units"
     units_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmps(units_dir)
-    units = _keyed(plan_units(cfg.dataset, "dataset", cfg.max_samples), spec)
-    val_units = _keyed(plan_units(cfg.val_file, "val_file", cfg.max_samples), spec) if cfg.val_file else []
+    plans = root / "plans"
+    units = _keyed(plan_units(cfg.dataset, "dataset", cfg.max_samples, plans), spec)
+    val_units = _keyed(plan_units(cfg.val_file, "val_file", cfg.max_samples, plans), spec) if cfg.val_file else []
     tokenised = build_units(units + val_units, spec, cfg, units_dir, say)
     counts = _totals(units, units_dir, cfg.dataset, "dataset")
     _check_strict(counts.skipped, cfg, "dataset")
