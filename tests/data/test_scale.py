@@ -174,6 +174,31 @@ def test_a_corrupt_file_among_many_keeps_the_work_on_the_others(tok, lines, tmp_
     assert rows_of(data.train) == reference_blocks([x for c in chunks for x in c], tok, 64)
 
 
+def test_line_ranges_of_a_big_file_are_remembered(tmp_path, lines, monkeypatch):
+    """The second plan of a file reads its ranges from data_cache/plans (no newline scan); a damaged plan is
+    scanned again and rewritten, and a changed file gets a plan of its own."""
+    monkeypatch.setattr(files, "MIN_CHUNK", 4096)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plans = tmp_path / "plans"
+    first = files.plan_units([str(corpus)], "dataset", None, plans)
+    assert len(first) > 3 and len(list(plans.glob("*.json"))) == 1
+    scans = []
+    real = files.line_ranges
+    monkeypatch.setattr(files, "line_ranges", lambda source: scans.append(source) or real(source))
+    assert [u.segments for u in files.plan_units([str(corpus)], "dataset", None, plans)] == \
+        [u.segments for u in first] and not scans
+    for damage in ("[[0, 5", "{}", "[[0, 99, 1], [7, null, 3]]", "[]"):
+        next(plans.glob("*.json")).write_text(damage)
+        assert [u.segments for u in files.plan_units([str(corpus)], "dataset", None, plans)] == \
+            [u.segments for u in first]
+    assert len(scans) == 4 and json.loads(next(plans.glob("*.json")).read_text())[0][0] == 0
+    corpus.write_text("\n".join(lines[::-1]) + "\n", encoding="utf-8")
+    os.utime(corpus, ns=(1, 1))
+    files.plan_units([str(corpus)], "dataset", None, plans)
+    assert len(scans) == 5 and len(list(plans.glob("*.json"))) == 2
+
+
 PREP_SCRIPT = """
 import hashlib, json, sys
 from transformers import AutoTokenizer

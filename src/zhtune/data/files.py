@@ -203,14 +203,32 @@ def cached_line_ranges(source: Source, plans: Path | None) -> list[Segment]:
     name = hashlib.sha256(json.dumps([source.fingerprint(), MIN_CHUNK, MAX_CHUNK]).encode()).hexdigest()[:20]
     path = plans / f"{name}.json"
     try:
-        return [Segment(source, *bounds) for bounds in json.loads(path.read_text(encoding="utf-8"))]
-    except (OSError, ValueError, TypeError):
-        segments = line_ranges(source)
+        bounds = json.loads(path.read_text(encoding="utf-8"))
+        if _valid_plan(bounds, source.size):
+            return [Segment(source, *b) for b in bounds]
+    except (OSError, ValueError):
+        pass                                 # none yet, or unreadable: scan again and rewrite it
+    segments = line_ranges(source)
+    try:
         plans.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps([[s.start, s.stop, s.first_line] for s in segments]), encoding="utf-8")
         os.replace(tmp, path)
-        return segments
+    except OSError:
+        pass                                 # a read-only cache: the plan is only a shortcut
+    return segments
+
+
+def _valid_plan(bounds, size: int) -> bool:
+    """A remembered plan: [[start, stop, first_line], ...] covering the file from 0 to its end."""
+    def whole(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not (isinstance(bounds, list) and bounds and all(isinstance(b, list) and len(b) == 3 for b in bounds)):
+        return False
+    return (all(whole(b[0]) and whole(b[2]) and (b[1] is None or whole(b[1])) for b in bounds)
+            and bounds[0][0] == 0 and bounds[-1][1] is None
+            and all(a[1] == b[0] and 0 < b[0] < size for a, b in zip(bounds, bounds[1:])))
 
 
 def plan_units(entries: list[str], key: str, max_samples: int | None, plans: Path | None = None) -> list[Unit]:
