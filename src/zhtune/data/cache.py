@@ -31,6 +31,7 @@ from zhtune.errors import ZhtuneError
 DATA_VERSION = 2                     # bump when tokenisation/packing changes, so old caches are not reused
 HEARTBEAT_S = 20                     # the builder touches its lock this often
 STALE_S = 300                        # a lock not touched for this long belongs to a dead builder
+TAKEOVER_S = 120                     # a rank that may not build waits this long for one that may to break a dead lock
 HOST = socket.gethostname()
 
 
@@ -176,7 +177,7 @@ def build_once(final: Path, build: Callable[[Path], None], say: Callable[[str], 
     if (final / "stats.json").is_file():
         return "hit"
     final.parent.mkdir(parents=True, exist_ok=True)
-    lock, said = BuildLock(final), False
+    lock, said, stale_since = BuildLock(final), False, None
     while True:
         if may_build() and lock.acquire():
             try:
@@ -186,12 +187,18 @@ def build_once(final: Path, build: Callable[[Path], None], say: Callable[[str], 
         if (final / "stats.json").is_file():
             return "waited"
         if lock.stale():
+            # a rerun after a kill finds the dead run's lock: LOCAL_RANK 0 (maybe still importing) breaks it
+            stale_since = stale_since or time.monotonic()
+            if not may_build() and time.monotonic() - stale_since < TAKEOVER_S:
+                time.sleep(1.0)
+                continue
             if not may_build():
                 raise ZhtuneError(f"the process preparing the data cache {final} stopped", where="data_cache",
                                   hint="see the first process's output (LOCAL_RANK 0) for its error")
             say(f"清理 removing the lock of a stopped build: {lock.path}")
             lock.break_stale()
             continue
+        stale_since = None
         if not said:
             say(f"等待 waiting for another process to prepare the data: {final}")
             said = True
