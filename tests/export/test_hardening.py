@@ -255,3 +255,28 @@ def test_an_adapter_trained_on_the_merge_of_the_earlier_ones_is_accepted(tmp_pat
     assert (out / "config.json").is_file()
     with pytest.raises(ZhtuneError, match="was trained on"):  # alone, its base is the merged model, not tiny
         M.merge(tiny_model_dir, [sft], tmp_path / "sft_only", **QUIET)
+
+
+# --- issue 12: a model folder whose config.json is not its weights' -------------------------------------------
+
+def test_config_that_is_not_the_weights_is_refused_by_every_stage(tmp_path, tiny_model_dir, pt_adapter, copy_of,
+                                                                 zh_corpus, capsys):
+    """train, merge --base, export gguf and chat/serve (hf) name the tensor and both shapes before any work;
+    merge used to copy the wrong config.json beside the merged weights, chat to print transformers' report."""
+    bad = copy_of(tiny_model_dir)
+    config = json.loads((bad / "config.json").read_text(encoding="utf-8"))
+    config["intermediate_size"] += 32
+    (bad / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["你好"]), encoding="utf-8")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in (["train", "stage=pt", f"model_name_or_path={bad}", f"dataset=[{zh_corpus}]",
+                  "max_steps=1", f"output_dir={tmp_path / 'pt'}"],
+                 ["merge", "--lora", pt_adapter, "--base", bad, "--output", tmp_path / "merged"],
+                 ["export", "gguf", "--model", bad, "--output", tmp_path / "m.gguf"],
+                 ["chat", "--model", bad, "--prompt-file", prompts]):
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "model.layers.0.mlp.gate_proj.weight is" in err and str(config["intermediate_size"]) in err, err
+        assert "config.json" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written"

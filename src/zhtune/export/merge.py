@@ -28,6 +28,7 @@ from zhtune.export.adapters import (EMBED, HEAD, Adapter, load_adapter, read_run
                                     tokenizer_size, trained_base)
 from zhtune.export.weights import TensorSpec, WeightReader, write_sharded_safetensors
 from zhtune.io import read_json
+from zhtune.model.load import check_local_model
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
@@ -331,6 +332,7 @@ def _merge(base, loras, output: Path, fmt, dtype, max_shard_size, verify, overwr
     if not (base / "config.json").is_file():
         raise ZhtuneError(f"no config.json in {base}", where="--base", expected="an HF model folder")
     config = read_json(base / "config.json", "config.json", where=f"--base {base}")
+    check_local_model(base, where=f"--base {base}")  # else a wrong config.json is copied beside merged weights
     t0 = time.time()
     adapters = [load_adapter(d) for d in dirs]
     reader = WeightReader(base)

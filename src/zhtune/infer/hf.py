@@ -68,6 +68,9 @@ def _load_base(spec: ModelSpec, dtype: str, load_in_8bit: bool, load_in_4bit: bo
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a bad config.json
         raise ZhtuneError(f"not a transformers model: {spec.base} ({exc})", where="--model",
                           expected="a folder with a valid config.json") from None
+    from zhtune.model.load import check_local_model
+
+    check_local_model(spec.base, where="--model")  # a config.json that is not these weights' is named by tensor
     cuda = torch.cuda.is_available() and device != "cpu"
     kwargs: dict = {"dtype": _pick_dtype(dtype, cuda)}
     if load_in_8bit and load_in_4bit:

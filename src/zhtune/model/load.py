@@ -110,6 +110,17 @@ def check_weights_match_config(model_dir: str | Path, where: str = "--model") ->
                           hint="e.g. more layers than num_hidden_layers, or biases the architecture lacks")
 
 
+def check_local_model(model_dir: str | Path, where: str) -> None:
+    """check_weights_match_config for a local folder of a supported architecture that is not pre-quantised
+    (GPTQ/AWQ checkpoints hold packed tensors of other names; other architectures keep transformers' checks)."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return
+    config = read_json(config_file, "config.json", where=f"{where}: {config_file}")
+    if config.get("model_type") in SUPPORTED_MODEL_TYPES and not config.get("quantization_config"):
+        check_weights_match_config(model_dir, where=where)
+
+
 def device_kind() -> str:
     """'cuda' when a GPU is visible, else 'cpu'."""
     import torch
