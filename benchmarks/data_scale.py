@@ -6,6 +6,7 @@ Chinese text with 1 and 2 processes; and training tokens/s with streaming=true v
     python benchmarks/data_scale.py --sizes 50 --repeats 1   # a quick look
     python benchmarks/data_scale.py --scratch /big/tmp       # where corpora and caches go (deleted at the end)
     python benchmarks/data_scale.py --sizes 800 --skip-training   # one part at a time (--skip-prep: training only)
+    python benchmarks/data_scale.py --sizes 800 --processes 1 --repeats 1 --skip-training   # 2 columns, not 4
 
 The corpora are made from the shipped Chinese assets: documents of 1-8 random lines of zh_corpus.txt and
 zh_heldout.txt (seeded), written to the scratch folder, never to the repository. The tokenizer is a
@@ -155,16 +156,16 @@ def run_column(name: str, corpus: Path, tokenizer: Path, scratch: Path, procs: i
     return {**result, "peak_mib": peak / 2**20, "cpu_s": cpu}
 
 
-def prep_table(sizes: list[int], repeats: int, scratch: Path, tokenizer: Path) -> list[dict]:
+def prep_table(sizes: list[int], repeats: int, scratch: Path, tokenizer: Path, processes: list[int]) -> list[dict]:
     rows = []
     for size in sizes:
         corpus = make_corpus(scratch / f"zh_{size}mb.txt", size)
         runs: dict[tuple[str, int], list[dict]] = {}
         for _ in range(repeats):
-            for name, procs in (("zhtune", 1), ("cla", 1), ("zhtune", 2), ("cla", 2)):   # interleaved
+            for name, procs in [(n, p) for p in processes for n in ("zhtune", "cla")]:   # interleaved
                 runs.setdefault((name, procs), []).append(run_column(name, corpus, tokenizer, scratch, procs))
                 print(f"  {size} MB {name} x{procs}: {runs[(name, procs)][-1]}", file=sys.stderr, flush=True)
-        tokens = runs[("zhtune", 1)][0]["tokens"]
+        tokens = runs[("zhtune", processes[0])][0]["tokens"]
         for (name, procs), got in runs.items():
             seconds = statistics.median(r["seconds"] for r in got)
             rows.append({"size_mb": size, "column": name, "procs": procs, "seconds": seconds, "tokens": tokens,
@@ -232,7 +233,7 @@ def report(rows: list[dict], stream: dict | None) -> str:
             "zhtune peak RSS | CLA peak RSS |")
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"] if rows else []
     for (size, column, procs), r in sorted(by.items()):
-        if column != "zhtune":
+        if column != "zhtune" or (size, "cla", procs) not in by:
             continue
         cla = by[(size, "cla", procs)]
         lines.append(f"| {size} MB | {procs} | {r['seconds']:.0f} ({r['cpu_s']:.0f}) | {cla['seconds']:.0f} "
@@ -242,13 +243,16 @@ def report(rows: list[dict], stream: dict | None) -> str:
     lines.append("")
     lines += [json.dumps(r) for r in rows]
     for size in sizes:
+        if not all((size, n, p) in by for n in ("zhtune", "cla") for p in (1, 2)):
+            continue
         one, two = by[(size, "zhtune", 1)], by[(size, "zhtune", 2)]
         cone, ctwo = by[(size, "cla", 1)], by[(size, "cla", 2)]
         lines.append(f"- {size} MB: zhtune 2 processes over 1: {one['seconds'] / two['seconds']:.2f}x "
                      f"(CLA-style: {cone['seconds'] / ctwo['seconds']:.2f}x)")
     if len(sizes) > 1:
         small, big = sizes[0], sizes[-1]
-        for procs in (1, 2):
+        for procs in sorted({p for s, n, p in by if n == "zhtune" and s == small} & {p for s, n, p in by
+                                                                                    if n == "zhtune" and s == big}):
             ratio = by[(big, "zhtune", procs)]["peak_mib"] / by[(small, "zhtune", procs)]["peak_mib"]
             lines.append(f"- zhtune peak RSS {big} MB / {small} MB ({procs} process{'es' if procs > 1 else ''}): "
                          f"{ratio:.2f}x")
@@ -264,6 +268,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200, 800], help="corpus sizes in MB")
     parser.add_argument("--repeats", type=int, default=2, help="runs of every column (medians are shown)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to run (1 2)")
     parser.add_argument("--scratch", default=None, help="folder for corpora and caches (default: a temp folder)")
     parser.add_argument("--train-steps", type=int, default=40, help="optimizer steps per training run")
     parser.add_argument("--skip-training", action="store_true", help="only the preparation table")
@@ -281,7 +286,8 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         tokenizer = make_tokenizer(scratch / "tokenizer")
-        rows = [] if args.skip_prep else prep_table(args.sizes, args.repeats, scratch, tokenizer)
+        rows = [] if args.skip_prep else prep_table(args.sizes, args.repeats, scratch, tokenizer,
+                                                                 args.processes)
         stream = None if args.skip_training else streaming_table(args.repeats + 1, scratch, tokenizer,
                                                                  args.train_steps)
         print(report(rows, stream))
