@@ -199,6 +199,39 @@ def test_line_ranges_of_a_big_file_are_remembered(tmp_path, lines, monkeypatch):
     assert len(scans) == 5 and len(list(plans.glob("*.json"))) == 2
 
 
+def test_a_damaged_cache_is_rebuilt_not_a_traceback(tok, lines, tmp_path, monkeypatch, capsys):
+    """Issue 16's leftover: a cut-short stats.json, a unit's meta.json edited by hand, a final arrow file cut
+    short: each is a stale cache (said, rebuilt, the same blocks); a rank that may not rebuild names it."""
+    from zhtune.data import cache
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(lines[:120]) + "\n", encoding="utf-8")
+    cfg = TrainConfig(stage="pt", dataset=[str(corpus)], cutoff_len=64, data_cache=str(tmp_path / "cache"))
+    want = rows_of(build_pretrain_dataset(cfg, tok).train)
+    entry = next((tmp_path / "cache").glob("pt-*/"))
+    unit = next((tmp_path / "cache" / "units").glob("pt-*/"))
+    damages = [lambda: (entry / "stats.json").write_text('{"stage": "pt", "rows'),
+               lambda: (entry / "stats.json").write_text("[]"),
+               lambda: ((unit / "meta.json").write_text('{"records": 1, "colour": 2}'),
+                        (entry / "stats.json").unlink()),
+               lambda: (entry / "train" / "data-00000.arrow").write_bytes(b"ARROW1\x00\x00 cut")]
+    for damage in damages:
+        damage()
+        capsys.readouterr()
+        data = build_pretrain_dataset(cfg, tok)
+        said = capsys.readouterr().out
+        assert "the data cache is damaged" in said, (damages.index(damage), said)
+        assert rows_of(data.train) == want and data.stats["cache"] == "miss"
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]    # nothing left aside
+    (entry / "stats.json").write_text("{")
+    monkeypatch.setenv("LOCAL_RANK", "1")               # may not rebuild: waits TAKEOVER_S, then names it
+    monkeypatch.setattr(cache, "TAKEOVER_S", 0)
+    monkeypatch.setattr(__import__("zhtune.data.prepare", fromlist=["x"]), "TAKEOVER_S", 0)
+    with pytest.raises(ZhtuneError, match="damaged") as err:
+        build_pretrain_dataset(cfg, tok)
+    assert err.value.where == str(entry) and "delete" in err.value.hint
+
+
 PREP_SCRIPT = """
 import hashlib, json, sys
 from transformers import AutoTokenizer

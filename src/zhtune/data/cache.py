@@ -216,10 +216,44 @@ def _build_locked(final: Path, build: Callable[[Path], None]) -> str:
 
 # --- reading entries back -------------------------------------------------------------------------
 
+class DamagedCache(Exception):
+    """A cache file that cannot be read (cut short, edited by hand, a disk error): `folder` is rebuilt."""
+
+    def __init__(self, folder: Path, detail: str):
+        super().__init__(f"{folder}: {detail}")
+        self.folder, self.detail = Path(folder), detail
+
+
+def read_json(path: Path, folder: Path) -> dict:
+    """A JSON object the cache wrote, or DamagedCache naming `folder` (what to rebuild)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DamagedCache(folder, f"{Path(path).name} unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise DamagedCache(folder, f"{Path(path).name} is not a JSON object")
+    return data
+
+
+def discard(folder: Path) -> None:
+    """Remove a damaged entry: renamed aside first, so no reader ever sees half of it."""
+    trash = folder.with_name(tmp_name(folder.name))
+    with contextlib.suppress(OSError):
+        os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def load_split(folder: Path):
     """A datasets.Dataset over folder/data-*.arrow, memory-mapped (nothing is read into RAM up front)."""
     import datasets
+    import pyarrow as pa
 
     files = sorted(Path(folder).glob("data-*.arrow"))
-    parts = [datasets.Dataset.from_file(str(f)) for f in files]
+    if not files:
+        raise DamagedCache(Path(folder).parent, f"no data-*.arrow files in {Path(folder).name}/")
+    try:
+        parts = [datasets.Dataset.from_file(str(f)) for f in files]
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DamagedCache(Path(folder).parent, f"an arrow file in {Path(folder).name}/ is unreadable ({exc})") \
+            from None
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from zhtune.config import TrainConfig
-from zhtune.data.cache import (atomic_folder, build_once, cache_key, cache_root, clean_stale_tmps, folder_bytes,
-                               human_bytes, load_split, may_build)
+from zhtune.data.cache import (TAKEOVER_S, DamagedCache, atomic_folder, build_once, cache_key, cache_root,
+                               clean_stale_tmps, discard, folder_bytes, human_bytes, load_split, may_build, read_json)
 from zhtune.data.files import Unit, find_sources, plan_units
 from zhtune.data.readers import unit_records
 from zhtune.errors import ZhtuneError
@@ -113,13 +113,21 @@ def _unit_folder(units_dir: Path, unit: Unit) -> Path:
     return units_dir / unit.key
 
 
+def unit_counts(folder: Path) -> Counts:
+    """A finished unit's Counts (its meta.json), or DamagedCache naming the unit's folder."""
+    try:
+        return Counts(**read_json(folder / "meta.json", folder))
+    except TypeError as exc:                       # keys that are not Counts' fields
+        raise DamagedCache(folder, f"meta.json has other fields ({exc})") from None
+
+
 def build_unit(unit: Unit, spec, cfg: TrainConfig, units_dir: Path) -> Counts:
     """Read and tokenise one unit into units_dir/<key>/ (data.arrow + meta.json); the cached one if done."""
     from datasets.arrow_writer import ArrowWriter
 
     final = _unit_folder(units_dir, unit)
     if (final / "meta.json").is_file():
-        return Counts(**json.loads((final / "meta.json").read_text(encoding="utf-8")))
+        return unit_counts(final)
     counts = Counts(strict=cfg.strict)
     with atomic_folder(final) as tmp:
         writer = ArrowWriter(features=spec.features, path=str(tmp / "data.arrow"))
@@ -190,9 +198,11 @@ class Progress:
             name = entry.name
             if name in self.todo and name not in self.done:
                 meta = Path(entry.path) / "meta.json"
-                if meta.is_file():
+                try:
                     self.done[name] = json.loads(meta.read_text(encoding="utf-8"))["tokens"]
-                    self.bar.update(self.todo[name])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue                         # not finished yet (or damaged: reading it names it)
+                self.bar.update(self.todo[name])
             elif name.startswith(".") and ".tmp-" in name:
                 with_progress = Path(entry.path) / "progress"
                 try:
@@ -217,8 +227,12 @@ def unit_tables(units_dir: Path, unit: Unit) -> Iterator:
     """The record batches of a finished unit, memory-mapped."""
     import pyarrow as pa
 
-    with pa.memory_map(str(_unit_folder(units_dir, unit) / "data.arrow")) as source:
-        yield from pa.ipc.open_stream(source)
+    folder = _unit_folder(units_dir, unit)
+    try:
+        with pa.memory_map(str(folder / "data.arrow")) as source:
+            yield from pa.ipc.open_stream(source)
+    except (pa.ArrowException, OSError) as exc:
+        raise DamagedCache(folder, f"data.arrow unreadable ({exc})") from None
 
 
 # --- the ordered pass: hold out validation rows, write the final rows ----------------------------------
@@ -332,7 +346,7 @@ def _say(text: str) -> None:
 def _totals(units: list[Unit], units_dir: Path, entries: list[str], key: str) -> Counts:
     total, per_entry = Counts(), {}
     for unit in units:
-        meta = Counts(**json.loads((_unit_folder(units_dir, unit) / "meta.json").read_text(encoding="utf-8")))
+        meta = unit_counts(_unit_folder(units_dir, unit))
         total.add(meta)
         per_entry[unit.entry] = per_entry.get(unit.entry, 0) + meta.records
     for i, entry in enumerate(entries):
@@ -407,20 +421,48 @@ def prepare(spec, cfg: TrainConfig) -> tuple[Any, Any, dict]:
     name = f"{spec.name}-" + cache_key({**source_key(cfg), **spec.key_parts(), **spec.final_key_parts()})
     final = root / name
     say = _say if may_build() else (lambda text: None)
+    discarded: set[Path] = set()
+    waited_since = time.monotonic()
+    while True:
+        try:
+            train, eval_, stats, status = _build_and_load(spec, cfg, root, final, say)
+            break
+        except DamagedCache as exc:
+            # a damaged entry or unit (cut short, edited, a disk error) is stale: the builder removes and
+            # rebuilds it once; the other ranks wait for that (a second time means something else is wrong)
+            if may_build() and exc.folder not in discarded:
+                say(f"缓存损坏 the data cache is damaged ({exc.detail}); rebuilding {exc.folder}")
+                discarded.add(exc.folder)
+                discard(exc.folder)
+                continue
+            if not may_build() and time.monotonic() - waited_since < TAKEOVER_S:
+                time.sleep(2)
+                continue
+            raise ZhtuneError(f"the data cache is damaged: {exc.detail}", where=str(exc.folder),
+                              expected="a cache folder written by zhtune",
+                              hint=f"delete {exc.folder} (it is rebuilt), or point data_cache at another disk") \
+                from None
+    _check_strict(stats.get("skipped", {}), cfg, "dataset")      # also when the cache was built without strict
+    _check_strict(stats.get("eval_skipped", {}), cfg, "val_file")
+    stats.update(cache={"hit": "hit", "built": "miss", "waited": "waited"}[status], cache_dir=str(final))
+    if os.environ.get("RANK", "0") == "0":
+        say(summary(stats, spec, status, final))
+    return train, eval_, stats
+
+
+def _build_and_load(spec, cfg: TrainConfig, root: Path, final: Path, say) -> tuple[Any, Any, dict, str]:
+    """build_once + reading the entry back: (train, eval, stats, status); DamagedCache for what is unreadable."""
     try:
         status = build_once(final, lambda tmp: build(tmp, spec, cfg, root, say), say)
     except PermissionError as exc:
         raise ZhtuneError(f"cannot write the data cache: {exc}", where="data_cache",
                           expected="a writable folder", hint="set data_cache=DIR (or $ZHTUNE_DATA_CACHE)") from None
-    stats = json.loads((final / "stats.json").read_text(encoding="utf-8"))
-    _check_strict(stats.get("skipped", {}), cfg, "dataset")      # also when the cache was built without strict
-    _check_strict(stats.get("eval_skipped", {}), cfg, "val_file")
+    stats = read_json(final / "stats.json", final)
+    if stats.get("stage") != spec.name or not all(isinstance(stats.get(k), int) for k in ("rows", "tokens")):
+        raise DamagedCache(final, "stats.json lacks the stage, rows or tokens it is written with")
     train = load_split(final / "train")
     eval_ = load_split(final / "eval") if (final / "eval").is_dir() else None
-    stats.update(cache={"hit": "hit", "built": "miss", "waited": "waited"}[status], cache_dir=str(final))
-    if os.environ.get("RANK", "0") == "0":
-        say(summary(stats, spec, status, final))
-    return train, eval_, stats
+    return train, eval_, stats, status
 
 
 def summary(stats: dict, spec, status: str, final: Path) -> str:
