@@ -245,6 +245,8 @@ TRAIN = [
     case(TRAIN_BASE + " template=chinese-alpacca", "template", "chinese-alpaca"),
     case(TRAIN_BASE + " val_size=-1", "val_size"),
     case(TRAIN_BASE + " bf16=maybe", "bf16"),
+    case(TRAIN_BASE + " streaming=true", "streaming", "stage=pt"),                     # pt only
+    case(TRAIN_BASE.replace("stage=sft", "stage=dpo") + " streaming=true", "streaming", "stage=pt"),
     case([*TRAIN_BASE.split(" "), "training_args={warmup_ratioo: 0.1}"], "training_args.warmup_ratioo"),
     case("train stage=sft model_name_or_path={missing} dataset={sft} output_dir={out}", "model_name_or_path"),
     case("train stage=sft model_name_or_path={gguf} dataset={sft} output_dir={out}", "model_name_or_path"),

@@ -280,8 +280,8 @@ class TrainConfig:
     max_samples: Optional[int] = opt(None, "use at most this many records per dataset (quick runs)")
     data_cache: Optional[str] = opt(None, "folder for the tokenised dataset cache (reused across runs)")
     preprocessing_num_workers: Optional[int] = opt(None, "processes for tokenisation (datasets.map num_proc)")
-    streaming: bool = opt(False, "pt: tokenise and pack while training instead of preparing the cache first "
-                                 "(corpora larger than the disk); needs max_steps")
+    streaming: bool = opt(False, "stage=pt only: tokenise and pack while training instead of preparing the "
+                                 "cache first (corpora larger than the disk); needs max_steps")
     strict: bool = opt(False, "turn any skipped record (empty text or answer, no answer within cutoff_len, "
                               "chosen == rejected) into an error")
     # preference tuning
@@ -344,6 +344,11 @@ class TrainConfig:
             self.finetuning_type = "qlora"  # a quantised base can only be trained through an adapter
         if self.gradient_checkpointing is None:
             self.gradient_checkpointing = self.finetuning_type == "qlora"
+        if self.streaming and self.stage != "pt":
+            raise ZhtuneError(f"streaming=true with stage={self.stage}", where="streaming",
+                              expected="stage=pt (instruction and preference data are prepared in data_cache: "
+                                       "tokenised in parts from disk, memory-mapped, never whole in memory)",
+                              hint="set streaming=false; data_cache can point at a larger disk")
         if self.peft_path and self.finetuning_type == "full":
             raise ZhtuneError("peft_path continues an adapter, but finetuning_type is full", where="peft_path",
                               expected="finetuning_type=lora or qlora")

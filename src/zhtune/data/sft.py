@@ -227,10 +227,6 @@ def check_split_options(cfg: TrainConfig) -> None:
                           expected="one of them: a validation file, or a fraction/count to hold out")
     if cfg.cutoff_len < 2:
         raise ZhtuneError(f"cutoff_len={cfg.cutoff_len}", where="cutoff_len", expected="at least 2 tokens")
-    if cfg.streaming and cfg.stage != "pt":
-        raise ZhtuneError(f"streaming=true with stage={cfg.stage}", where="streaming",
-                          expected="stage=pt (instruction and preference data are prepared in the cache)",
-                          hint="set streaming=false; data_cache can point at a larger disk")
 
 
 @dataclass
