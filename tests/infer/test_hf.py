@@ -153,6 +153,20 @@ def test_prompt_too_long_and_bad_params(engine):
     assert last.finish_reason == "length" and last.completion_tokens == 512 - n
 
 
+def test_no_deprecated_cache_keyword(engine):
+    """The KV cache goes to the model by the name its forward declares (transformers 5.25: `cache`), so a
+    generation and a shared-prefix scoring raise no FutureWarning (it printed on every request)."""
+    import warnings
+
+    header = engine.encode("A header shared by every question below, long enough to run once. " * 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text_of(engine.stream(CHAT, GenParams(max_new_tokens=4, **GREEDY)))
+        engine.score([header + engine.encode(f"question {i}", bos=False) for i in range(10)], prompt=False)
+    assert engine.cache_arg in ("cache", "past_key_values")
+    assert [str(w.message) for w in caught if "cache" in str(w.message) or "past_key" in str(w.message)] == []
+
+
 def test_embed_is_normalised_mean_pool(engine):
     vecs = engine.embed(["hello world", "你好", "hello world"])
     assert len(vecs) == 3 and len(vecs[0]) == engine.model.config.hidden_size

@@ -173,6 +173,15 @@ def _apply_adapters(model, spec: ModelSpec, tokenizer_len: int):
     return model
 
 
+def _cache_arg(model) -> str:
+    """The keyword the model's forward takes its KV cache by: `cache` since transformers 5.25 (there
+    `past_key_values` still works, with a FutureWarning on every call), `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # peft's forward is **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _common(a: list[int], b: list[int]) -> int:
     """Length of the common prefix of two id lists."""
     n = 0
@@ -299,6 +308,7 @@ class HFEngine(Engine):
                                   "tokens", where="--context-length", expected=f"at most {self.max_model_len}")
             self.max_model_len = int(max_model_len)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.cache_arg = _cache_arg(self.model)
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
         self.stop_ids = self._end_ids()
@@ -395,7 +405,7 @@ class HFEngine(Engine):
         decoder, _ = self._decoder_and_head()
         cache = DynamicCache(config=self.model.config)
         with self._lock, torch.inference_mode():
-            decoder(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
+            decoder(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **{self.cache_arg: cache})
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _score_batch(self, chunk: list[list[int]], prefix: list | None, prompt: bool, top_k: int,
@@ -415,7 +425,7 @@ class HFEngine(Engine):
                 from transformers import DynamicCache
 
                 kv = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix]
-                kwargs = {"past_key_values": DynamicCache(kv, config=self.model.config), "use_cache": True}
+                kwargs = {self.cache_arg: DynamicCache(kv, config=self.model.config), "use_cache": True}
             hidden = decoder(input_ids=ids, **kwargs).last_hidden_state                         # [B, W, H]
             ends = torch.tensor([len(r) - 1 for r in chunk], device=self.device)
             rows = torch.arange(len(chunk), device=self.device)
@@ -549,13 +559,13 @@ class _Batch:
         mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in new], device=self.e.device)
         cache = DynamicCache(config=self.e.model.config)
         out = self.e.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+                           use_cache=True, logits_to_keep=1, **{self.e.cache_arg: cache})   # fills `cache`
         for r in new:
             self._start(r)
         if self.rows:
-            self._merge(out.past_key_values, mask)
+            self._merge(cache, mask)
         else:   # sliding-window or other cache types: new rows wait until this batch is done
-            self.cache, self.mask = out.past_key_values, mask
+            self.cache, self.mask = cache, mask
             self.joinable = self._mergeable(self.cache)
         self.rows += new
         return out.logits[:, -1, :].float()
@@ -588,8 +598,8 @@ class _Batch:
         ids = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.e.device)   # [B, 1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)       # [B, L+1]
         pos = self.mask.sum(-1, keepdim=True) - 1                                          # [B, 1]
-        out = self.e.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
-                           past_key_values=self.cache, use_cache=True)
+        out = self.e.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
+                           **{self.e.cache_arg: self.cache})
         return out.logits[:, -1, :].float()
 
     def _drop(self, keep: list[int]) -> None:
