@@ -138,6 +138,24 @@ def test_trainer_loss_and_gradients_equal_the_plain_path(case, tmp_path):
         assert any("trainable_tokens_delta" in n and g.abs().sum() > 0 for n, g in grads.items())
 
 
+@pytest.mark.parametrize("collated", [True, False])
+def test_only_labelled_positions_reach_the_head(collated, tmp_path, monkeypatch):
+    """The head's own forward sees no position (its output is empty) and the chunked loss gets the hidden
+    states of the labelled positions only: from the collator's mask (pt, sft) or from `labels` (streaming pt)."""
+    import zhtune.train.loss as L
+
+    model, batch = _model("frozen"), _batch()
+    labels = int((batch["labels"][:, 1:] != IGNORE).sum())
+    if not collated:
+        batch = {k: v for k, v in batch.items() if k not in ("logits_to_keep", "shift_labels")}
+    rows, widths = [], []
+    real = L.linear_cross_entropy
+    monkeypatch.setattr(L, "linear_cross_entropy", lambda h, *a, **k: rows.append(h.shape[0]) or real(h, *a, **k))
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: widths.append(out.numel()))
+    _trainer(model, tmp_path, "chunked").compute_loss(model, batch).backward()
+    assert rows == [labels] and widths == [0] and labels < batch["input_ids"].numel() - 6
+
+
 def test_new_row_head_keeps_no_copy_of_the_matrix(tmp_path):
     """peft's new-row head builds its merged [V, H] matrix in its forward; the chunked path runs that forward
     without autograd (it reads the rows itself), so no [V, H] tensor waits for backward."""
@@ -229,17 +247,49 @@ def test_grown_vocabulary_sft_trains_the_same_and_merges(tmp_path, tiny_model_di
     adapter = tmp_path / "chunked" / "sft_lora_model"
     merged = merge(tiny_model_dir, [adapter], tmp_path / "merged", log=lambda *_: None)
     assert verify_merge(tiny_model_dir, [adapter], merged, log=lambda *_: None).max_abs_diff <= 1e-4
+    # only the new rows changed: the merged matrices hold the base's rows unchanged and the trained rows after them
+    base, out = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(merged / "model.safetensors"))
+    for name, peft_name in (("model.embed_tokens.weight", "model.embed_tokens"), ("lm_head.weight", "lm_head")):
+        old, new = base[name].shape[0], out[name]
+        delta = ours[f"base_model.model.{peft_name}.token_adapter.trainable_tokens_delta"]
+        start = ours[f"base_model.model.{peft_name}.token_adapter.base_layer.weight"][old:]   # the rows' init
+        assert torch.equal(new[:old], base[name]), name
+        assert torch.equal(new[old:], delta) and delta.shape[0] == new.shape[0] - old > 0, name
+        assert (delta - start).abs().max() > 0, name            # the new rows trained (those the batches used)
 
 
-def test_pt_with_an_8bit_optimizer_trains(tmp_path, tiny_model_dir):
-    """optim=adamw_bnb_8bit (bitsandbytes runs its 8-bit AdamW on this CPU too)."""
+@pytest.mark.parametrize("streaming", [False, True])
+def test_pt_chunked_trains_like_plain_with_checkpointing_and_offload(streaming, tmp_path, tiny_model_dir, capsys):
+    """stage=pt from the command line, packed blocks (the collator's label mask) or streaming (labels only):
+    the chunked loss trains the adapter the full-logits loss trains, with gradient checkpointing and
+    offload_activations on (on CPU the run says offloading is ignored: activations are in RAM already)."""
+    common = ["stage=pt", f"dataset={tiny.asset('zh_corpus.txt')}", "cutoff_len=64", "max_samples=40",
+              "lora_dropout=0", "gradient_checkpointing=true", "offload_activations=true",
+              *(["streaming=true"] if streaming else [])]
+    ours = _train(tmp_path / "chunked", tiny_model_dir, *common)             # fused_loss=auto
+    text = capsys.readouterr().out
+    assert "loss chunked" in text and "gradient checkpointing" in text
+    assert ("activations offloaded to CPU" if torch.cuda.is_available() else "offload_activations ignored") in text
+    plain = _train(tmp_path / "plain", tiny_model_dir, *common, "fused_loss=plain")
+    assert set(ours) == set(plain) and ours
+    for key in ours:
+        assert close(ours[key], plain[key], 1e-3), key
+
+
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "paged_adamw_8bit"])
+def test_pt_with_an_8bit_optimizer_trains(optim, tmp_path, tiny_model_dir, capsys):
+    """optim=adamw_bnb_8bit / paged_adamw_8bit (bitsandbytes runs its 8-bit AdamW on this CPU too; paged
+    runs unpaged without a GPU, and the run says so)."""
     pytest.importorskip("bitsandbytes")
     before = _train(tmp_path / "a", tiny_model_dir, "stage=pt", f"dataset={tiny.asset('zh_corpus.txt')}",
-                    "cutoff_len=64", "optim=adamw_bnb_8bit", "max_samples=40")
+                    "cutoff_len=64", f"optim={optim}", "max_samples=40")
     assert all(torch.isfinite(t).all() for t in before.values())
     assert any(t.abs().sum() > 0 for k, t in before.items() if "lora_B" in k)
     state = json.loads((tmp_path / "a" / "trainer_state.json").read_text())
     assert all(h["loss"] == h["loss"] for h in state["log_history"] if "loss" in h)   # no NaN
+    text = capsys.readouterr().out
+    assert f"optim {optim}" in text
+    assert ("unpaged" in text) is (optim.startswith("paged_") and not torch.cuda.is_available())
 
 
 # --- the levers as config keys ----------------------------------------------------------------------------------
@@ -291,3 +341,14 @@ def test_offloaded_activations_train_the_same_on_gpu(tmp_path, tiny_model_dir):
     b = _train(tmp_path / "b", tiny_model_dir, *common, "offload_activations=true")
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-5), key
+
+
+@pytest.mark.gpu
+def test_paged_adamw_trains_on_gpu(tmp_path, tiny_model_dir, capsys):
+    """optim=auto on a GPU with bitsandbytes is paged_adamw_32bit (states spill to CPU RAM instead of an OOM)."""
+    pytest.importorskip("bitsandbytes")
+    out = _train(tmp_path / "a", tiny_model_dir, "stage=pt", f"dataset={tiny.asset('zh_corpus.txt')}",
+                 "cutoff_len=64", "max_samples=40")
+    assert "optim paged_adamw_32bit" in capsys.readouterr().out
+    assert all(torch.isfinite(t).all() for t in out.values())
+    assert any(t.abs().sum() > 0 for k, t in out.items() if "lora_B" in k)

@@ -101,7 +101,9 @@ def offload_activations(cfg) -> bool:
 def describe_levers(cfg, loss: tuple[str, str] | None) -> str:
     """One line printed before training: which levers are on, and why."""
     parts = [] if loss is None else [f"loss {loss[0]} ({loss[1]})"]
-    parts.append(f"optim {resolve_optim(cfg)}")
+    optim = resolve_optim(cfg)
+    parts.append(f"optim {optim}" + (" (no GPU: bitsandbytes runs it unpaged, the states are in RAM already)"
+                                     if optim.startswith("paged_") and not _cuda() else ""))
     if cfg.gradient_checkpointing:
         parts.append("gradient checkpointing")
     if cfg.offload_activations:
