@@ -103,6 +103,28 @@ def test_generate_writes_scores_and_predictions(tiny_model_dir, tmp_path):
     assert r["predict_rouge-1"] == pytest.approx(sum(s["rouge-1"] for s in scored) / 3, abs=1e-3)
 
 
+def test_existing_output_is_refused_without_overwrite(tiny_model_dir, tmp_path, capsys):
+    """--output (and generate's predictions beside it) that exist: exit 2 naming the file, before the model
+    loads; --overwrite replaces what an earlier zhtune eval wrote, never a file of the user's."""
+    data = tiny.write_jsonl(tmp_path / "test.jsonl", [{"instruction": "你好", "input": "", "output": "你好！"}])
+    out, predictions = tmp_path / "gen.json", tmp_path / "gen_predictions.jsonl"
+    argv = ["eval", "--model", str(tiny_model_dir), "--task", "generate", "--data", str(data),
+            "--max-new-tokens", "2", "--output", str(out)]
+    assert cli(argv) == 0
+    first = out.read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--overwrite" in err and "Traceback" not in err
+    assert cli([*argv, "--overwrite"]) == 0 and json.loads(out.read_text(encoding="utf-8"))["task"] == "generate"
+    out.unlink()
+    assert cli(argv) == 2 and str(predictions) in capsys.readouterr().err   # the predictions file is checked too
+    out.write_text('{"mine": 1}\n', encoding="utf-8")   # the user's own JSON at that path
+    assert cli([*argv, "--overwrite"]) == 2
+    assert "not a zhtune eval result" in capsys.readouterr().err and out.read_text() == '{"mine": 1}\n'
+    assert first.startswith('{\n  "task": ')
+
+
 def test_bad_text_and_records_are_named(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes("好的\n".encode() + b"\xff\xfe\n")

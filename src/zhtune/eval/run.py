@@ -17,6 +17,9 @@ from pathlib import Path
 from zhtune.errors import ZhtuneError
 
 TASKS = ("ceval", "cmmlu", "mmlu", "ppl", "generate")
+# how the files this command writes begin: --overwrite replaces only such a file (io.check_output_file)
+RESULT_MAGIC = b'{\n  "task": '
+PREDICTIONS_MAGIC = b'{"source": '
 
 _EXAMPLES = """
 zhtune eval --model out/merged --task ceval --data ceval-exam                 # val split, 0-shot, letter log-probs
@@ -49,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most N questions per subject / lines / records (a quick run)")
     p.add_argument("--output", type=Path, default=None, help="write the results JSON here (generate: required; "
                                                               "predictions go beside it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results (and predictions) an earlier zhtune eval wrote at --output")
     add_gen_args(p, "eval")
     return p
 
@@ -90,11 +95,21 @@ def _check(args: argparse.Namespace) -> None:
         raise ZhtuneError(f"--shots/--subjects/--split/--mode are for benchmarks, not --task {args.task}",
                           where="--task", expected="ceval | cmmlu | mmlu with those flags")
     if args.output is not None:
-        _check_output(args.output)
+        _check_output(args.output, args.overwrite)
+        if args.task == "generate":
+            _check_output(_predictions(args.output), args.overwrite, PREDICTIONS_MAGIC, "predictions file")
 
 
-def _check_output(path: Path) -> None:
-    """--output can be written (checked now, not after the whole evaluation); nothing is created yet."""
+def _predictions(output: Path) -> Path:
+    """Where --task generate writes its predictions: beside the scores."""
+    return output.with_name(output.stem + "_predictions.jsonl")
+
+
+def _check_output(path: Path, overwrite: bool, magic: bytes = RESULT_MAGIC, what: str = "zhtune eval result") -> None:
+    """--output can be written (checked now, not after the whole evaluation); nothing is created yet. An
+    existing file is replaced only with --overwrite, and only one this command wrote."""
+    from zhtune.io import check_output_file
+
     if path.is_dir():
         raise ZhtuneError(f"--output is a folder: {path}", where="--output", expected="a .json file path")
     folder = path.absolute().parent
@@ -106,6 +121,7 @@ def _check_output(path: Path) -> None:
     except OSError as exc:
         raise ZhtuneError(f"cannot write {path}: {exc.strerror} in {folder}", where="--output",
                           expected="a path in a folder you can write") from None
+    check_output_file(path, overwrite, magic, what)
 
 
 def _write(path: Path | None, result: dict) -> None:
@@ -166,7 +182,7 @@ def run_generate(args: argparse.Namespace) -> dict:
         scores, rows = evaluate(engine, str(args.data), params, args.limit, bar)
     import json
 
-    predictions = args.output.with_name(args.output.stem + "_predictions.jsonl")
+    predictions = _predictions(args.output)
     atomic_write_text(predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print("\n" + "\n".join(f"{k:<20} {v}" for k, v in scores.items()))
     print(f"预测已写入 predictions written: {predictions}")
