@@ -55,8 +55,9 @@ class LossPlotCallback(TrainerCallback):
             plot_loss(state.log_history, self.path)
 
 
-def describe_setup(cfg: TrainConfig, expansion, summary: dict, stats: dict, resume: str | None) -> str:
-    """A short bilingual block printed before training starts."""
+def describe_setup(cfg: TrainConfig, expansion, summary: dict, resume: str | None) -> str:
+    """A short bilingual block printed before training starts (the data's block is printed by data/prepare.py's
+    summary, or data/streaming.py, before it)."""
     lines = [
         f"阶段 stage:        {cfg.stage} ({cfg.finetuning_type}"
         + (f", {cfg.quantization_bit}-bit" if cfg.quantization_bit else "") + ")",
@@ -74,9 +75,6 @@ def describe_setup(cfg: TrainConfig, expansion, summary: dict, stats: dict, resu
         lines.append(f"全量训练 modules_to_save: {', '.join(summary['modules_to_save'])}")
     if summary.get("trainable_rows"):
         lines.append(f"新词行 trainable rows: {summary['trainable_rows']}")
-    for key, value in stats.items():
-        if isinstance(value, (int, float, str)):
-            lines.append(f"数据 data.{key}: {value}")
     lines.append(f"输出 output_dir:   {cfg.output_dir}" + (f"  (resuming 从断点继续: {resume})" if resume else ""))
     return "\n".join(lines)
 

@@ -151,7 +151,7 @@ def run(cfg: TrainConfig) -> Path:
     data = build_preference_dataset(cfg, tokenizer, template)  # bad pairs are named before the model loads
     tokenizer, model, expansion, peft_config = prepare_policy(cfg, template, tokenizer)
     trainer = make_preference_trainer(cfg, model, tokenizer, data, out, peft_config)
-    print(describe_setup(cfg, expansion, adapter_summary(trainer.model), data.stats, resume), flush=True)
+    print(describe_setup(cfg, expansion, adapter_summary(trainer.model), resume), flush=True)
     print(f"偏好损失 preference loss: {cfg.pref_loss} (beta={cfg.pref_beta}); reference 参考模型: "
           + _describe_reference(cfg, trainer), flush=True)
     print(describe_levers(cfg, None if cfg.pref_loss in REFERENCE_FREE else ("fused", "TRL's fused LM head")),

@@ -39,7 +39,7 @@ def run(cfg: TrainConfig) -> Path:
                            offload_activations=offload_activations(cfg))
     if cfg.streaming:
         attach(trainer, data)
-    print(describe_setup(cfg, expansion, adapter_summary(model), data.stats, resume), flush=True)
+    print(describe_setup(cfg, expansion, adapter_summary(model), resume), flush=True)
     print(describe_levers(cfg, loss), flush=True)
 
     # --- train (run.yaml first: the same command recognises a killed run and resumes it)

@@ -32,7 +32,7 @@ def run(cfg: TrainConfig) -> Path:
     loss = resolve_fused_loss(cfg, model)  # the LM head's loss without full logits (train/loss.py)
     trainer = make_trainer(cfg, model, tokenizer, data, out, trainer_cls=LossTrainer, fused_loss=loss[0],
                            offload_activations=offload_activations(cfg))
-    print(describe_setup(cfg, expansion, adapter_summary(model), data.stats, resume), flush=True)
+    print(describe_setup(cfg, expansion, adapter_summary(model), resume), flush=True)
     print(describe_levers(cfg, loss), flush=True)
 
     # --- train (run.yaml first: the same command recognises a killed run and resumes it)
