@@ -1,6 +1,7 @@
 """Every architecture with its byte-level BPE tokenizer, through the whole pipeline from the command line:
 vocab train --base -> vocab merge -> train pt (2 steps) -> merge --verify -> export gguf --verify -> the hf and
-llama.cpp engines agree (prompt ids, greedy text) -> estimate counts the parameters. A tied head stays tied.
+llama.cpp engines agree (prompt ids, greedy text) -> `zhtune chat` and `zhtune serve`'s API answer as their engine on
+both backends -> `zhtune estimate` counts the parameters. A tied head stays tied.
 
 Architectures (zhtune.tiny.ARCHITECTURES): llama (LLaMA-3.1: rope_type llama3), llama-tied (LLaMA-3.2 /
 SmolLM), mistral (Mistral-Nemo's tekken tokenizer), qwen2 (q/k/v biases), qwen3 (q/k norms, own head_dim, tied).
@@ -39,7 +40,7 @@ def run(*args) -> None:
 
 
 @pytest.mark.parametrize("arch", list(tiny.ARCHITECTURES))
-def test_pipeline(arch, tmp_path, bytelevel_base, bytelevel_merged, capsys):
+def test_pipeline(arch, tmp_path, bytelevel_base, bytelevel_merged, capsys, monkeypatch):
     import gguf
     family = tiny.ARCHITECTURES[arch]
     base = tiny.build_tiny_model(tmp_path / "base", vocab_size=len_of(bytelevel_base(family)), seed=0,
@@ -71,8 +72,10 @@ def test_pipeline(arch, tmp_path, bytelevel_base, bytelevel_merged, capsys):
     field = reader.fields["tokenizer.ggml.pre"]
     assert bytes(field.parts[field.data[0]]).decode() == {"llama3": "llama-bpe", "smollm": "gpt-2", "tekken": "tekken",
                                                           "qwen2": "qwen2"}[family]
-    engines_agree(merged, tmp_path / "m.gguf", TEMPLATES[family])
-    estimate_counts_parameters(merged, config)
+    answers = engines_agree(merged, tmp_path / "m.gguf", TEMPLATES[family])
+    for model, answer in zip((merged, tmp_path / "m.gguf"), answers):
+        chat_answers(model, TEMPLATES[family], answer, capsys, monkeypatch)
+    estimate_counts_parameters(merged, config, capsys)
 
 
 def len_of(tokenizer_dir) -> int:
@@ -81,10 +84,11 @@ def len_of(tokenizer_dir) -> int:
     return len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
 
 
-def engines_agree(merged, gguf_file, template: str) -> None:
+def engines_agree(merged, gguf_file, template: str) -> tuple[str, str]:
     """chat / serve run on these engines: the same prompt ids (template special tokens included) from
     transformers and llama.cpp, and every token of llama.cpp's greedy answer is transformers' best next token
-    too (up to near-ties: new rows that start alike score within f16 rounding of each other)."""
+    too (up to near-ties: new rows that start alike score within f16 rounding of each other). The serve API
+    over each engine answers as the engine does; returns each engine's greedy answer to USER (hf, llama.cpp)."""
     from zhtune.infer.engine import GenParams
     from zhtune.infer.resolve import load_engine
 
@@ -101,12 +105,47 @@ def engines_agree(merged, gguf_file, template: str) -> None:
         answer = [t.id for d in deltas for t in d.logprobs]
         assert len(answer) == 12 and "".join(d.text for d in deltas)
         scored = hf.score([ids + answer], prompt=True, top_k=1)[0].tokens[len(ids):]
+        answers = tuple(served_answer(engine) for engine in (hf, cpp))
     for token in scored:
         best_id, best = token.top[0]
         assert token.logprob >= best - 0.05, (token.id, token.logprob, best_id, best)
+    return answers
 
 
-def estimate_counts_parameters(merged, config) -> None:
+USER = [{"role": "user", "content": "你好"}]
+GREEDY = {"max_tokens": 8, "temperature": 0, "repetition_penalty": 1.0}
+
+
+def served_answer(engine) -> str:
+    """POST /v1/chat/completions to `zhtune serve`'s app over `engine`: the engine's own greedy answer."""
+    from fastapi.testclient import TestClient
+
+    from zhtune.infer.engine import GenParams
+    from zhtune.serve.api import create_app
+
+    params = GenParams(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
+    want = "".join(d.text for d in engine.stream(USER, params))
+    with TestClient(create_app(engine)) as client:  # its shutdown stops the app's threads, not the engine
+        name = client.get("/v1/models").json()["data"][0]["id"]
+        reply = client.post("/v1/chat/completions", json={"model": name, "messages": USER, **GREEDY})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == want
+    return want
+
+
+def chat_answers(model, template: str, want: str, capsys, monkeypatch) -> None:
+    """`zhtune chat --model MODEL` (a folder: hf; a .gguf: llama.cpp) with piped stdin prints the greedy answer."""
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(USER[0]["content"] + "\n"))
+    capsys.readouterr()
+    assert cli.main(["chat", "--model", str(model), "--template", template, "--threads", "1",
+                     "--max-new-tokens", "8", "--temperature", "0", "--repetition-penalty", "1.0"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
+def estimate_counts_parameters(merged, config, capsys) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -116,3 +155,6 @@ def estimate_counts_parameters(merged, config) -> None:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(merged)))
     real = sum(p.numel() for p in model.parameters())  # tied: counted once
     assert read_shape(str(merged)).params == pytest.approx(real, rel=0.01)
+    capsys.readouterr()
+    run("estimate", f"model_name_or_path={merged}")
+    assert f"({real / 1e6:.2f}M params, hidden {config['hidden_size']}" in capsys.readouterr().out
