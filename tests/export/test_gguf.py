@@ -9,6 +9,7 @@ import pytest
 
 from zhtune.errors import ZhtuneError
 from zhtune.export import gguf as G
+from zhtune.export.gguf_vocab import LLAMA_CPP_PRE
 from zhtune.export.parity import llama_cpp_logits, verify_gguf
 
 
@@ -112,7 +113,7 @@ def test_bytelevel_vocabulary_ids_equal_transformers(family, tmp_path, bytelevel
         return bytes(f.parts[f.data[0]]).decode()
 
     assert field("tokenizer.ggml.model") == "gpt2"
-    assert field("tokenizer.ggml.pre") == G.LLAMA_CPP_PRE[family]
+    assert field("tokenizer.ggml.pre") == LLAMA_CPP_PRE[family]
     assert len(reader.fields["tokenizer.ggml.merges"].data) == len(json.loads(
         (tok_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"])
     lines = [x for name in ("zh_heldout.txt", "zh_corpus.txt", "en_corpus.txt") for x in tiny.asset_lines(name) if x]
