@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from zhtune import tiny
-from zhtune.model.embeddings import pad_right
+from zhtune.model.logprob_init import pad_right
 
 INITS = ("zhtune", "zhtune-mean", "random", "mean", "mean+noise")
 CALIBRATION_DOCS = 4096  # training documents zhtune calibrates on, as calibration_texts (<= 65536 positions)
