@@ -391,15 +391,7 @@ def _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwr
     params = read_json(folder / "params.json", "params.json")
     ranks = [load_state_dict(f) for f in files]  # mmapped: pages are read as tensors are converted
     names = [k for k in ranks[0] if k not in _IGNORED_META]
-    vocab = ranks[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in ranks[0] else None
-    if vocab is None:
-        raise ZhtuneError("consolidated.00.pth has no tok_embeddings.weight", where=str(files[0]),
-                          expected="a LLaMA checkpoint")
-    if len(ranks) > 1 and ranks[0]["tok_embeddings.weight"].shape[1] == int(params.get("dim", -1)):
-        vocab *= len(ranks)  # LLaMA-3 shards the vocabulary (VocabParallelEmbedding)
-    if isinstance(params.get("vocab_size"), int) and params["vocab_size"] > 0 and params["vocab_size"] != vocab:
-        raise ZhtuneError(f"params.json vocab_size={params['vocab_size']} but tok_embeddings has {vocab} rows",
-                          where=str(folder / "params.json"), expected="matching vocab sizes")
+    vocab = _meta_vocab(ranks, params, folder, files[0])
     llama3, token_ranks = _llama3_of(tok_model, params, llama_version, ranks[0], len(ranks), vocab)
     if llama3 is not None and llama3.tied:
         names = [k for k in names if k != "output.weight"]  # transformers ties lm_head to the embeddings
@@ -443,6 +435,20 @@ def _meta_to_hf(input_dir, output_dir, model_size, max_shard_size, dtype, overwr
                                                                "eos_token_id": llama3.stops})
             write_llama3_tokenizer(llama3, token_ranks, tmp, config["max_position_embeddings"])
     return Path(output_dir)
+
+
+def _meta_vocab(ranks: list[dict], params: dict, folder: Path, first_file: Path) -> int:
+    """Rows of the vocabulary of a Meta checkpoint (all ranks), checked against params.json's vocab_size."""
+    if "tok_embeddings.weight" not in ranks[0]:
+        raise ZhtuneError("consolidated.00.pth has no tok_embeddings.weight", where=str(first_file),
+                          expected="a LLaMA checkpoint")
+    vocab = ranks[0]["tok_embeddings.weight"].shape[0]
+    if len(ranks) > 1 and ranks[0]["tok_embeddings.weight"].shape[1] == int(params.get("dim", -1)):
+        vocab *= len(ranks)  # LLaMA-3 shards the vocabulary (VocabParallelEmbedding)
+    if isinstance(params.get("vocab_size"), int) and params["vocab_size"] > 0 and params["vocab_size"] != vocab:
+        raise ZhtuneError(f"params.json vocab_size={params['vocab_size']} but tok_embeddings has {vocab} rows",
+                          where=str(folder / "params.json"), expected="matching vocab sizes")
+    return vocab
 
 
 def main(argv: list[str]) -> int:
