@@ -247,5 +247,13 @@ def test_add_outside_the_base_alphabet_or_normalisation_is_refused(tmp_path, cap
     folded.write_bytes(buf.getvalue())
     refused(capsys, tmp_path, "vocab", "merge", "--base", llama3, "--add", folded, "--output", tmp_path / "out",
             says=["nmt_nfkc_cf", "--add"])
+    buf = io.BytesIO()  # a unigram SentencePiece model: pieces without a merge order
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(zh_heldout.read_text(encoding="utf-8").splitlines()),
+                                   model_writer=buf, vocab_size=1500, model_type="unigram", minloglevel=2,
+                                   character_coverage=0.98)
+    unigram = tmp_path / "unigram.model"
+    unigram.write_bytes(buf.getvalue())
+    refused(capsys, tmp_path, "vocab", "merge", "--base", llama3, "--add", unigram, "--output", tmp_path / "out",
+            says=["unigram", "--add", "not BPE", "vocab train --base"])
     refused(capsys, tmp_path, "vocab", "merge", "--base", llama3, "--add", bytelevel_zh("llama3"), "--mode",
             "all-pieces", "--output", tmp_path / "out", says=["all-pieces", "preserve"])

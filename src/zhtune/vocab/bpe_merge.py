@@ -300,7 +300,8 @@ def read_sp_model_checked(model, base: ByteLevelBPE, flag: str):
                           hint=f"train one with `zhtune vocab train --base {base.path.parent}`")
     if proto.trainer_spec.model_type != 2:
         raise ZhtuneError(f"{model} is a SentencePiece unigram/word/char model, not BPE", where=f"{flag} {model}",
-                          expected="a BPE SentencePiece model (its pieces come with a merge order)")
+                          expected="a BPE SentencePiece model (its pieces come with a merge order)",
+                          hint=f"train one on your corpus with `zhtune vocab train --base {base.path.parent}`")
     return proto
 
 

@@ -40,7 +40,8 @@ def resolve_base(path: str | Path, flag: str = "--base") -> Path:
     """The SentencePiece file of a base: a .model path or an HF folder holding tokenizer.model."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ZhtuneError(f"base tokenizer not found: {path}", where=flag,
+        what = "base tokenizer" if flag == "--base" else "tokenizer"  # --add names the vocabulary to add
+        raise ZhtuneError(f"{what} not found: {path}", where=flag,
                           expected="an HF tokenizer folder with tokenizer.model, or a tokenizer.model file")
     if path.is_file():
         return path
