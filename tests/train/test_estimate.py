@@ -12,6 +12,7 @@ import pytest
 from zhtune.config import TRAIN_ALIASES, TrainConfig, load_config
 from zhtune.errors import ZhtuneError
 from zhtune.train import estimate as E
+from zhtune.train import footprint as F
 
 ROOT = Path(__file__).resolve().parents[2]
 DS = ROOT / "examples" / "deepspeed"
@@ -100,7 +101,7 @@ def test_activation_formula_matches_what_autograd_saves():
     for lora, dropout in [(False, 0.0), (True, 0.0), (True, 0.05)]:
         measured = (saved(4, lora, dropout) - saved(2, lora, dropout)) / 2 / (2 * 64)
         plan = _plan(finetuning_type="lora" if lora else "full", lora_rank=8, lora_dropout=dropout)
-        formula = E.activation_bytes_per_token_layer(shape, plan, 4)
+        formula = F.activation_bytes_per_token_layer(shape, plan, 4)
         assert formula == pytest.approx(measured, rel=0.15), (lora, dropout, measured, formula)
 
 

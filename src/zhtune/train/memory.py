@@ -4,7 +4,7 @@
     loss = resolve_fused_loss(cfg, model)         # `fused_loss` -> chunked | liger | plain (train/loss.py)
     offload = offload_activations(cfg)            # `offload_activations` -> on only where there is a GPU
 
-Each lever is one config key (config.py); `zhtune estimate` models the same keys (train/estimate.py).
+Each lever is one config key (config.py); `zhtune estimate` models the same keys (train/footprint.py).
 A lever that cannot work here is a ZhtuneError naming its key before any model is loaded (check_levers).
 """
 
