@@ -122,6 +122,22 @@ def test_reference_is_the_base_with_the_adapter_disabled(tiny_model_dir, pref_fi
     assert not torch.allclose(_logps(model, batch), ref, atol=1e-2)
 
 
+def test_dpo_loss_never_builds_full_logits(tiny_model_dir, pref_files, tmp_path):
+    """stage=dpo computes the policy's and the reference's log-probs through TRL's fused head (labelled positions
+    only, in tiles): the lm_head module itself never runs, so no [rows, T, V] logits exist."""
+    trainer, _ = _trainer(args(tiny_model_dir, pref_files[0], tmp_path / "o"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
+    calls: list[tuple] = []
+    head.register_forward_hook(lambda module, inputs, out: calls.append(tuple(out.shape)))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and calls == []
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters()
+               if "lora_" in n)
+
+
 def test_dpo_continues_an_sft_adapter_whose_model_is_the_reference(tiny_model_dir, pref_files, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
