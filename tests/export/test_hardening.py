@@ -280,3 +280,17 @@ def test_config_that_is_not_the_weights_is_refused_by_every_stage(tmp_path, tiny
         assert "model.layers.0.mlp.gate_proj.weight is" in err and str(config["intermediate_size"]) in err, err
         assert "config.json" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written"
+
+
+def test_pth_of_another_architecture_is_refused_before_the_work(tmp_path, pt_adapter, capsys):
+    """--format pth is Meta's LLaMA layout: a qwen2 base is named with --format before anything is merged."""
+    from zhtune.tiny import build_tiny_model
+
+    qwen2 = build_tiny_model(tmp_path / "qwen2", vocab_size=300, arch="qwen2", hidden_size=32, intermediate_size=64)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["merge", "--lora", str(pt_adapter), "--base", str(qwen2), "--output", str(tmp_path / "out"),
+                 "--format", "pth"]) == 2
+    out = capsys.readouterr()
+    assert "--format pth" in out.err and "'qwen2'" in out.err and "Traceback" not in out.err
+    assert "merging" not in out.out + out.err  # refused before any tensor was merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -333,6 +333,10 @@ def _merge(base, loras, output: Path, fmt, dtype, max_shard_size, verify, overwr
         raise ZhtuneError(f"no config.json in {base}", where="--base", expected="an HF model folder")
     config = read_json(base / "config.json", "config.json", where=f"--base {base}")
     check_local_model(base, where=f"--base {base}")  # else a wrong config.json is copied beside merged weights
+    if fmt == "pth" and config.get("model_type") not in ("llama", None):  # before the work, not after it
+        raise ZhtuneError(f"--format pth writes Meta's LLaMA layout; {base} is a {config.get('model_type')!r} model",
+                          where="--format pth", expected="--format hf for mistral / qwen2 / qwen3 models",
+                          hint="llama.cpp and Ollama take `zhtune export gguf` of the hf output")
     t0 = time.time()
     adapters = [load_adapter(d) for d in dirs]
     reader = WeightReader(base)
