@@ -82,6 +82,9 @@ def test_backends_import_only_the_engine_contract():
     for backend in backends:
         assert not graph[backend] & (backends | {"zhtune.infer.resolve", "zhtune.infer.options"}), backend
         assert "zhtune.infer.engine" in graph[backend]
+    for helper in ("zhtune.infer.hf_load", "zhtune.infer.hf_decode", "zhtune.infer.hf_score",
+                   "zhtune.infer.llamacpp_decode"):   # parts of one backend import no other
+        assert not graph[helper] & (backends | {"zhtune.infer.resolve", "zhtune.infer.options"}), helper
     assert not graph["zhtune.infer.engine"] & {m for m in graph if m.startswith("zhtune.infer.")}
 
 

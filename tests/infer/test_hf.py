@@ -98,34 +98,34 @@ def test_seed_reproducible_and_sampling_params(engine):
 
 
 def test_penalties_as_logits_processors():
-    from zhtune.infer.hf import _Request, _sample
+    from zhtune.infer.hf_decode import Request, sample
 
     logits = torch.tensor([3.0, 2.9, 0.0, -1.0])
-    r = _Request([0], GenParams(temperature=0, repetition_penalty=1.0, presence_penalty=0.5), [])
+    r = Request([0], GenParams(temperature=0, repetition_penalty=1.0, presence_penalty=0.5), [])
     r.counts = torch.tensor([1.0, 0, 0, 0])
-    assert _sample(torch, r, logits.clone()) == 1               # 3.0 - 0.5 < 2.9
-    r = _Request([0], GenParams(temperature=0, repetition_penalty=2.0), [])
+    assert sample(torch, r, logits.clone()) == 1               # 3.0 - 0.5 < 2.9
+    r = Request([0], GenParams(temperature=0, repetition_penalty=2.0), [])
     r.all_ids = torch.tensor([[0]])
-    assert _sample(torch, r, logits.clone()) == 1               # 3.0 / 2 < 2.9
-    r = _Request([0], GenParams(temperature=1.0, top_k=1, repetition_penalty=1.0), [])
+    assert sample(torch, r, logits.clone()) == 1               # 3.0 / 2 < 2.9
+    r = Request([0], GenParams(temperature=1.0, top_k=1, repetition_penalty=1.0), [])
     r.rng = torch.Generator().manual_seed(0)
-    assert {_sample(torch, r, logits.clone()) for _ in range(20)} == {0}
-    r = _Request([0], GenParams(temperature=1.0, top_k=0, top_p=0.6, repetition_penalty=1.0), [])
+    assert {sample(torch, r, logits.clone()) for _ in range(20)} == {0}
+    r = Request([0], GenParams(temperature=1.0, top_k=0, top_p=0.6, repetition_penalty=1.0), [])
     r.rng = torch.Generator().manual_seed(0)
-    assert {_sample(torch, r, logits.clone()) for _ in range(50)} <= {0, 1}
+    assert {sample(torch, r, logits.clone()) for _ in range(50)} <= {0, 1}
 
 
 def test_chinese_incremental_decode_never_breaks_a_character(engine):
     """The base tokenizer has no Chinese pieces: every character is 3 byte tokens. Feeding them one at
     a time must release whole characters only, and the pieces must join to the original."""
-    from zhtune.infer.hf import _Batch, _Request
+    from zhtune.infer.hf_decode import Batch, Request
 
     text = "你好，世界！中文 mixed English 。"
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text)     # byte fallback is really in play
-    batch = _Batch(engine, None)
-    r = _Request([1], GenParams(), [])
-    batch._start(r)
+    batch = Batch(engine, None)
+    r = Request([1], GenParams(), [])
+    batch.start(r)
     pieces = []
     for t in ids:
         r.generated.append(t)

@@ -46,13 +46,13 @@ def test_score_matches_transformers_with_shared_prefixes(engine, tiny_model_dir)
 def test_prefix_groups_share_what_saves_most():
     """Two subjects under one header: each subject's 60-token prefix is shared (not only the 20-token header);
     rows with no long common prefix, or too few to fill a batch, are pooled."""
-    from zhtune.infer.hf import GROUP_MIN, _prefix_groups
+    from zhtune.infer.hf_score import GROUP_MIN, prefix_groups
 
     header = list(range(100, 120))
     a, b = header + list(range(200, 240)), header + list(range(300, 340))
     seqs = [a + [i, i + 1] for i in range(9)] + [b + [i] for i in range(9)] + [[5, 6, 7], [5, 6, 8]]
     seqs += [header + [400 + i] for i in range(GROUP_MIN - 1)]   # one row short of a group of their own
-    groups = sorted((sorted(rows), shared) for rows, shared in _prefix_groups(seqs))
+    groups = sorted((sorted(rows), shared) for rows, shared in prefix_groups(seqs))
     assert groups == [(list(range(9)), 60), (list(range(9, 18)), 60), (list(range(18, len(seqs))), 0)]
 
 
