@@ -89,7 +89,8 @@ def test_echo_one_token_from_the_scoring_forward_equals_score_then_generate(clie
             return r["choices"], r["usage"]
         with client.stream("POST", f"{api_url}/v1/completions",
                            json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
-            events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+            events = [json.loads(line[5:]) for line in s.iter_lines()
+                      if line.startswith("data:") and "[DONE]" not in line]
         choices: dict = {}
         for ev in events:
             for ch in ev["choices"]:
