@@ -11,7 +11,8 @@ Chinese text with 1 and 2 processes; and training tokens/s with streaming=true v
 The corpora are made from the shipped Chinese assets: documents of 1-8 random lines of zh_corpus.txt and
 zh_heldout.txt (seeded), written to the scratch folder, never to the repository. The tokenizer is a
 SentencePiece BPE of 8,000 pieces trained on the assets (Chinese-aware: ~4.5 bytes of text per token).
-Every column is a fresh process; its peak RSS is the largest sum of RSS over the process and its workers,
+Every column is a fresh process; its peak RSS is the largest sum of RSS over the process and its workers
+(and peak_pss_mib in the JSON rows the same with PSS, which counts the pages workers share once),
 sampled every 0.1 s; its time is the preparation call alone (imports and loading the tokenizer excluded).
 tokens/s divides the same token count (zhtune's: documents + EOS) by each column's time, so the ratio of
 two columns is the ratio of their times. TOKENIZERS_PARALLELISM=false everywhere: processes are the only
@@ -129,15 +130,19 @@ def run_column(name: str, corpus: Path, tokenizer: Path, scratch: Path, procs: i
            "--cache", str(cache), "--procs", str(procs)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak, done = 0, threading.Event()
+    peak, peak_pss, done = 0, 0, threading.Event()
 
     def sample():
-        nonlocal peak
+        # RSS counts the pages forked workers share with their parent (the imported libraries) once per
+        # process; PSS splits each shared page between its sharers, so its sum is what the tree really holds
+        nonlocal peak, peak_pss
         root = psutil.Process(proc.pid)
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
                 peak = max(peak, sum(p.memory_info().rss for p in tree))
+                if len(tree) > 1:
+                    peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -153,7 +158,7 @@ def run_column(name: str, corpus: Path, tokenizer: Path, scratch: Path, procs: i
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}): {out[-2000:]}")
     result = json.loads(out.strip().splitlines()[-1])
-    return {**result, "peak_mib": peak / 2**20, "cpu_s": cpu}
+    return {**result, "peak_mib": peak / 2**20, "peak_pss_mib": (peak_pss or peak) / 2**20, "cpu_s": cpu}
 
 
 def prep_table(sizes: list[int], repeats: int, scratch: Path, tokenizer: Path, processes: list[int]) -> list[dict]:
@@ -170,6 +175,7 @@ def prep_table(sizes: list[int], repeats: int, scratch: Path, tokenizer: Path, p
             seconds = statistics.median(r["seconds"] for r in got)
             rows.append({"size_mb": size, "column": name, "procs": procs, "seconds": seconds, "tokens": tokens,
                          "tokens_per_s": tokens / seconds, "peak_mib": statistics.median(r["peak_mib"] for r in got),
+                         "peak_pss_mib": statistics.median(r["peak_pss_mib"] for r in got),
                          "cpu_s": statistics.median(r["cpu_s"] for r in got), "load": os.getloadavg()[0]})
         corpus.unlink()
     return rows
