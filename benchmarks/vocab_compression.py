@@ -158,9 +158,9 @@ def build_bytelevel_base(work: Path, family: str, vocab_size: int) -> tuple[Path
     return folder, time.perf_counter() - start
 
 
-def llama_cpp_parity(work: Path, tokenizer_dir: Path, lines: list[str]) -> tuple[int, int] | None:
-    """(lines whose ids llama.cpp gives like transformers, lines): the merged vocabulary in a GGUF (a tiny
-    random model around it, `zhtune export gguf`), llama.cpp loading only the vocabulary."""
+def llama_cpp_parity(work: Path, tokenizer_dir: Path, texts: dict[str, list[str]]) -> dict[str, tuple[int, int]] | None:
+    """{text kind: (lines whose ids llama.cpp gives like transformers, lines)}: the merged vocabulary in a GGUF (a
+    tiny random model around it, `zhtune export gguf`), llama.cpp loading only the vocabulary."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -176,10 +176,10 @@ def llama_cpp_parity(work: Path, tokenizer_dir: Path, lines: list[str]) -> tuple
     gguf = export_gguf(model, work / "parity.gguf", "f16", overwrite=True, modelfile=False, log=lambda *_: None)
     llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     try:
-        same = sum(llm.tokenize(x.encode("utf-8"), add_bos=True, special=False) == tok(x).input_ids for x in lines)
+        return {kind: (sum(llm.tokenize(x.encode("utf-8"), add_bos=True, special=False) == tok(x).input_ids
+                           for x in lines), len(lines)) for kind, lines in texts.items()}
     finally:
         llm.close()
-    return same, len(lines)
 
 
 def bytelevel_rows(work: Path, family: str, args, zh_held: list[str], code: list[str], prose: list[str],
@@ -220,11 +220,11 @@ def bytelevel_rows(work: Path, family: str, args, zh_held: list[str], code: list
         share_code = "-" if rc["non_cjk_identical_to_first"] is None else f"{rc['non_cjk_identical_to_first']:.2%}"
         print(f"| {label} | {rz['vocab_size']} | {rz['tokens_per_cjk_char']:.3f} | "
               f"{rz['tokens_per_cjk_char'] / alone:.3f} | {share} | {share_code} | {rz['roundtrip_share']:.2%} |")
-    parity = llama_cpp_parity(root, root / "merged" / "merged_tokenizer_hf", zh_held + code[:5000] + prose)
+    parity = llama_cpp_parity(root, root / "merged" / "merged_tokenizer_hf",
+                              {"Chinese": zh_held, "code": code[:5000], "English prose": prose})
     if parity is not None:
-        print(f"\nllama.cpp ids == transformers ids (zhtune merge, GGUF via `zhtune export gguf`): "
-              f"{parity[0]}/{parity[1]} lines ({len(zh_held)} Chinese, {min(len(code), 5000)} code, "
-              f"{len(prose)} prose)")
+        print("\nllama.cpp ids == transformers ids (zhtune merge, GGUF via `zhtune export gguf`): " + ", ".join(
+            f"{kind} {same}/{n}" for kind, (same, n) in parity.items()))
     shutil.rmtree(root / "parity_model", ignore_errors=True)
     print("\n| step | seconds |\n| --- | ---: |")
     for step, value in times.items():
@@ -237,7 +237,8 @@ def main() -> int:
     p.add_argument("--base-vocab", type=int, default=32000)
     p.add_argument("--zh-vocab", type=int, default=20000)
     p.add_argument("--repeats", type=int, default=3, help="merge timings: median of this many runs")
-    p.add_argument("--bytelevel", nargs="+", default=["llama3", "qwen2"], choices=["llama3", "qwen2", "gpt2", "tekken"],
+    families = ["llama3", "qwen2", "gpt2", "tekken"]
+    p.add_argument("--bytelevel", nargs="+", default=families, choices=families,
                    help="byte-level BPE stand-ins to measure too (LLaMA-3, Qwen2, GPT-2, Mistral-Nemo style)")
     p.add_argument("--no-bytelevel", action="store_true", help="only the SentencePiece rows")
     args = p.parse_args()
