@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar, get_args, get_origin
 
@@ -125,6 +126,13 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise bad()
         return {str(k): v for k, v in value.items()}
+    if tp in (bool, int, float, str):
+        return _coerce_scalar(value, tp, bad)
+    return value
+
+
+def _coerce_scalar(value: Any, tp: type, bad: Callable[[], ZhtuneError]) -> Any:
+    """bool / int / float / str from YAML values or key=value strings ("yes", "1e3", "2.0" for an int)."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -157,7 +165,6 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (dict, list)):
             raise bad()
         return str(value)
-    return value
 
 
 def build(cls: type[T], data: dict[str, Any], source: str, aliases: dict[str, str] | None = None) -> T:
