@@ -121,6 +121,23 @@ def transformers_llama_folder(sp_model: Path, folder: Path) -> Path:
     return folder
 
 
+def measure_all(candidates: list[tuple[str, Path]], zh_held: list[str], code: list[str],
+                prose: list[str]) -> list[tuple]:
+    """(label, Chinese row, code row, prose row) per (label, tokenizer path); the first candidate (the base)
+    gives the reference ids the others' code and prose lines are compared with."""
+    from zhtune.vocab.stats import load_tokenizer, measure
+
+    rows, ref_code, ref_prose = [], None, None
+    for label, path in candidates:
+        tok = load_tokenizer(path)
+        row_zh, _ = measure(tok, zh_held, None)
+        row_code, ids_code = measure(tok, code, ref_code)
+        row_prose, ids_prose = measure(tok, prose, ref_prose)
+        ref_code, ref_prose = ref_code or ids_code, ref_prose or ids_prose
+        rows.append((label, row_zh, row_code, row_prose))
+    return rows
+
+
 def print_tables(rows: list[tuple], zh_held: list[str]) -> None:
     """The compression / preservation table, markdown, ratios against the SP model alone."""
     from zhtune.vocab.cjk import HAN
@@ -188,8 +205,6 @@ def bytelevel_rows(work: Path, family: str, args, zh_held: list[str], code: list
     SentencePiece model (--add zh_sp.model); then llama.cpp's ids against transformers' on the merge."""
     import shutil
 
-    from zhtune.vocab.stats import load_tokenizer, measure
-
     base, seconds = build_bytelevel_base(work, family, args.base_vocab)
     root = work / f"bl_{family}"
     times = {f"{family} stand-in training": seconds}
@@ -202,14 +217,7 @@ def bytelevel_rows(work: Path, family: str, args, zh_held: list[str], code: list
                                                     root / "merged_sp", "--overwrite")
     candidates = [(f"base ({family} stand-in)", base), ("byte-level alone (vocab train --base)", root / "zh"),
                   ("zhtune merge", root / "merged"), ("zhtune merge --add zh_sp.model", root / "merged_sp")]
-    rows, ref_code, ref_prose = [], None, None
-    for label, path in candidates:
-        tok = load_tokenizer(path)
-        row_zh, _ = measure(tok, zh_held, None)
-        row_code, ids_code = measure(tok, code, ref_code)
-        row_prose, ids_prose = measure(tok, prose, ref_prose)
-        ref_code, ref_prose = ref_code or ids_code, ref_prose or ids_prose
-        rows.append((label, row_zh, row_code, row_prose))
+    rows = measure_all(candidates, zh_held, code, prose)
     alone = rows[1][1]["tokens_per_cjk_char"]
     print(f"\nbyte-level BPE, {family} style: tokens per CJK char on the same held-out Chinese\n")
     print("| tokenizer | vocab | tokens / CJK char | vs byte-level alone | English prose lines = base | "
@@ -246,7 +254,6 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     from zhtune.tiny import asset
     from zhtune.vocab.cjk import HAN
-    from zhtune.vocab.stats import load_tokenizer, measure
 
     zh = chinese_lines()
     zh_train = [line for line in zh if not held_out(line)]
@@ -275,14 +282,7 @@ def main() -> int:
                   ("zhtune preserve", merges["preserve"]), ("all-pieces (Chinese-LLaMA-Alpaca)", merges["all-pieces"]),
                   ("preserve via transformers' LlamaTokenizer", transformers_llama_folder(
                       merges["preserve"] / "tokenizer.model", work / "llama_tokenizer_baseline"))]
-    rows, ref_code, ref_prose = [], None, None
-    for label, path in candidates:
-        tok = load_tokenizer(path)
-        row_zh, _ = measure(tok, zh_held, None)
-        row_code, ids_code = measure(tok, code, ref_code)
-        row_prose, ids_prose = measure(tok, prose, ref_prose)
-        ref_code, ref_prose = ref_code or ids_code, ref_prose or ids_prose
-        rows.append((label, row_zh, row_code, row_prose))
+    rows = measure_all(candidates, zh_held, code, prose)
     print_tables(rows, zh_held)
     print("\n| step | seconds |\n| --- | ---: |")
     for step, seconds in times.items():
